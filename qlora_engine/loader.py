@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import nf4
-from .linear import NF4Linear
+from .linear import LoraLinear, NF4Linear
 from .tensorfiles import list_tensors, read_tensor
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,15 @@ def load_config(model_dir: str | Path):
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such checkpoint directory")
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no config.json here; point --model at a Hugging Face checkpoint directory")
     return AutoConfig.from_pretrained(model_dir)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, NF4Linear, LoraLinear))
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -48,7 +54,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
-            if any(isinstance(m, nn.Linear) for m in mod[0].modules()) and (best is None or len(mod) > len(best[1])):
+            if any(_is_linear(m) for m in mod[0].modules()) and (best is None or len(mod) > len(best[1])):
                 best = (name, mod)
     if best is None:
         raise ValueError(f"{type(model).__name__}: found no list of decoder blocks containing nn.Linear layers")
@@ -56,9 +62,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Full names of every nn.Linear inside the decoder blocks (the layers that get quantized)."""
+    """Full names of every linear layer inside the decoder blocks (the layers that get quantized)."""
     prefix, layers = decoder_layers(model)
-    return [f"{prefix}.{name}" for name, mod in layers.named_modules() if isinstance(mod, (nn.Linear, NF4Linear))]
+    return [f"{prefix}.{name}" for name, mod in layers.named_modules() if _is_linear(mod) and not name.endswith(".base_layer")]
 
 
 def _empty_model(config, dtype: torch.dtype):

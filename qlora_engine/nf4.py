@@ -6,7 +6,9 @@ kernel in `csrc/` must reproduce it. It touches torch only.
 
 Conventions (see the format notes in the README):
 - Blocks cut the row-major flattened weight; the last block may be partial.
-- Normalisation is a reciprocal multiply, `x * (1 / absmax)`, in float32, as bnb's CUDA kernel does.
+- Normalisation is a reciprocal multiply, `x * (1 / absmax)`, in float32, as bnb does, except in a
+  partial last block, which bnb 0.50 normalises by division, `x / absmax` (the two differ only for a
+  value within one ulp of a code midpoint).
 - Code = nearest table value, exact ties to the lower code (`searchsorted(..., side="left")`).
 - An all-zero block gets code 0 (bnb's CUDA convention, 0x00); bnb 0.50's CPU path writes 0x77.
   Both dequantize to zero.
@@ -92,6 +94,8 @@ def _quantize_chunk(x: torch.Tensor, blocksize: int, mids: torch.Tensor, order: 
     blocks = x.view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
     xn = blocks * (1.0 / absmax).unsqueeze(1)  # a zero block gives 0 * inf = NaN here
+    if n % blocksize:
+        xn[-1] = blocks[-1] / absmax[-1]
     idx = torch.searchsorted(mids, xn, side="left", out_int32=True)
     if order is not None:
         idx = order[idx.long()].int()
