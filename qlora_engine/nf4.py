@@ -39,7 +39,7 @@ NF4_VALUES = (
 _FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 # Elements quantized per step: bounds the float32/int temporaries for very large weights.
-_CHUNK = 1 << 24
+_CHUNK = 1 << 20
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
