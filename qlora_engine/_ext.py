@@ -21,7 +21,6 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,18 +31,18 @@ OPS_ACCELERATED = ("dequantize_4bit", "matmul_4bit", "matmul_4bit_t")
 
 # The dispatch thresholds, in one place. M = rows of x (all leading dims flattened).
 GEMV_MAX_M = 16  # M <= this: the small-M tensor-core GEMV kernels (the kernels' limit too)
-FUSED_MIN_M: Optional[int] = None  # M >= this: fused dequant-matmul; None: dequantize + cuBLAS (until measured faster)
+FUSED_MIN_M: int | None = None  # M >= this: fused dequant-matmul; None: dequantize + cuBLAS (until measured faster)
 
 _QE_UNSUPPORTED = 100001
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MM_DTYPES = (torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
+_lib: ctypes.CDLL | None = None
 _attempted = False
 _state: dict = {"loaded": False, "reason": "load() not called yet", "path": None, "registered": []}
 _enabled = True
-_force_fused: Optional[bool] = None
+_force_fused: bool | None = None
 _probed: dict[int, bool] = {}
 
 
@@ -173,7 +172,7 @@ def kernels(flag: bool):
         set_enabled(prev)
 
 
-def set_fused(flag: Optional[bool]) -> Optional[bool]:
+def set_fused(flag: bool | None) -> bool | None:
     """Force (True) or forbid (False) the fused kernels above GEMV_MAX_M; None: FUSED_MIN_M decides."""
     global _force_fused
     prev, _force_fused = _force_fused, flag
@@ -238,7 +237,7 @@ def _weight_ok(device, packed, absmax, code, nested_absmax, nested_code, blocksi
 
 
 def _quant(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, rows, cols) -> _Quant:
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    ptr = lambda t: None if t is None else t.data_ptr()
     return _Quant(ptr(packed), ptr(absmax), ptr(code), ptr(nested_absmax), ptr(nested_code),
                   float(offset), int(blocksize), int(rows), int(cols))  # fmt: skip
 
@@ -256,27 +255,36 @@ def _call(fn_name: str, device: torch.device, *args) -> int:
     return err
 
 
+def _check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    # The C side trusts the pointer: a wrong buffer would be written out of bounds.
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}")
+
+
 # ---- the kernels, callable directly (bench, tests) or through the ops ---------------------------
 
 
 def dequantize(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype,
-               out: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+               out: Tensor | None = None) -> Tensor:  # fmt: skip
     """ops.dequantize_4bit on the CUDA kernel when it covers the inputs, else the reference."""
     from . import ops
 
     n = math.prod(shape)
     w = (packed, absmax, code, nested_absmax, nested_code, blocksize, n)
     if not (_ready(packed) and dtype in _DTYPE_CODES and _weight_ok(packed.device, *w)):
-        return ops.REFERENCE["dequantize_4bit"](packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype)
+        return ops.REFERENCE["dequantize_4bit"](
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype
+        )
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
+    _check_out(out, tuple(shape), dtype, packed.device)
     q = _quant(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, 1)
     _call("qe_dequantize_4bit", packed.device, ctypes.byref(q), out.data_ptr(), _DTYPE_CODES[dtype])
     return out
 
 
 def _matmul(transpose: bool, a, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k,
-            path: Optional[str], out: Optional[Tensor]) -> Tensor:  # fmt: skip
+            path: str | None, out: Tensor | None) -> Tensor:  # fmt: skip
     from . import ops
 
     name = "matmul_4bit_t" if transpose else "matmul_4bit"
@@ -293,6 +301,7 @@ def _matmul(transpose: bool, a, packed, absmax, code, nested_absmax, nested_code
         return ops.REFERENCE[name](*args)
     if out is None:
         out = a2.new_empty((m, outer))
+    _check_out(out, (m, outer), a.dtype, a.device)
     q = _quant(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k)
     dt = _DTYPE_CODES[a.dtype]
     if path == "gemv" and transpose:
@@ -310,13 +319,13 @@ def _matmul(transpose: bool, a, packed, absmax, code, nested_absmax, nested_code
 
 
 def matmul(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k,
-           path: Optional[str] = None, out: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+           path: str | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """ops.matmul_4bit (Y = X . dequant(W)^T); `path` forces 'gemv', 'fused' or 'dequant'."""
     return _matmul(False, x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k, path, out)
 
 
 def matmul_t(dy, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k,
-             path: Optional[str] = None, out: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+             path: str | None = None, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """ops.matmul_4bit_t (dX = dY . dequant(W)); `path` as in `matmul`."""
     return _matmul(True, dy, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k, path, out)
 

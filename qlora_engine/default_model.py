@@ -67,3 +67,14 @@ def ensure() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
+
+
+def resolve(name_or_path: str) -> Path:
+    """A checkpoint directory for `--model`: an existing directory, or the default model's name."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if name_or_path in (NAME, f"HuggingFaceTB/{NAME}", "smollm2"):
+        return ensure()
+    raise FileNotFoundError(f"model {name_or_path!r} is neither a checkpoint directory nor {NAME}; "
+                            f"point --model at a directory with config.json and *.safetensors")  # fmt: skip

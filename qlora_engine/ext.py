@@ -1,7 +1,7 @@
 """`python -m qlora_engine.ext`: whether the CUDA kernel library loaded, and why (not).
 
-    python -m qlora_engine.ext            # status only; touches CUDA only to report the device
-    python -m qlora_engine.ext --check    # also run each kernel once against the reference (needs a GPU)
+python -m qlora_engine.ext            # status only; touches CUDA only to report the device
+python -m qlora_engine.ext --check    # also run each kernel once against the reference (needs a GPU)
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def _self_check() -> list[str]:
     wargs = (packed, st.absmax, st.code, st.nested_absmax, st.nested_code, st.offset, st.blocksize)
     ref_w = ops.REFERENCE["dequantize_4bit"](*wargs, [n, k], torch.bfloat16)
     got_w = _ext.dequantize(*wargs, [n, k], torch.bfloat16)
-    lines.append(f"dequantize bf16 {n}x{k}: {'bit-exact' if torch.equal(ref_w.view(torch.int16), got_w.view(torch.int16)) else 'MISMATCH'}")
+    lines.append(
+        f"dequantize bf16 {n}x{k}: {'bit-exact' if torch.equal(ref_w.view(torch.int16), got_w.view(torch.int16)) else 'MISMATCH'}"
+    )
     for m, path in ((4, "gemv"), (64, "fused")):
         x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
         dy = torch.randn(m, n, generator=g).to(dev, torch.bfloat16)

@@ -163,17 +163,21 @@ class _FrozenMatmul(torch.autograd.Function):
         return ctx.layer.matmul_t(dy), None
 
 
-# One generator per device, reseeded per call: dropout masks are regenerated in backward, not stored.
+# One generator per device, reseeded per call, so a mask can be regenerated from its seed.
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
-def _dropout_mask(shape, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _keep_mask(shape, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Bool mask, True with probability 1 - p, a pure function of the seed."""
     gen = _GENERATORS.get(device)
     if gen is None:
         gen = _GENERATORS[device] = torch.Generator(device=device)
     gen.manual_seed(seed)
-    keep = torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=gen)
-    return (keep * (1.0 / (1.0 - p))).to(dtype)
+    return torch.rand(shape, device=device, generator=gen) >= p
+
+
+def _dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
 class LoraLinear(nn.Module):
@@ -230,33 +234,37 @@ class _LoraMatmul(torch.autograd.Function):
       dL/dB = s · gᵀ·h                  [n, r]
       dL/dA = s · (g·B)ᵀ·d(x)           [r, k]
       dL/dx = g·W + (s · (g·B)·A) ⊙ m   [M, k]
-    Saved: x, h and the dropout seed (the mask is regenerated from it); never the dequantized W.
-    Computation runs in x's dtype; gradients come back in each parameter's dtype.
+    Saved: x, h, and the dropout mask: on CUDA only its seed (the mask is regenerated, costing no
+    memory), on the CPU the bool mask itself (random numbers cost more there than bytes).
+    Never the dequantized W. Computation runs in x's dtype; gradients come in each parameter's dtype.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, layer, seed):
         dt = x.dtype
         y = base_forward(layer.base_layer, x)
-        xd = x if seed is None else x * _dropout_mask(x.shape, layer.lora_dropout, seed, x.device, dt)
+        keep = None if seed is None else _keep_mask(x.shape, layer.lora_dropout, seed, x.device)
+        xd = x if keep is None else _dropout(x, keep, layer.lora_dropout)
         h = xd @ A.to(dt).t()
         y = y + (h @ B.to(dt).t()) * layer.scaling
-        ctx.save_for_backward(x, h, A, B)
+        stored = keep if keep is not None and not x.is_cuda else None
+        ctx.save_for_backward(x, h, A, B, stored)
         ctx.layer, ctx.seed = layer, seed
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, h, A, B = ctx.saved_tensors
-        layer, s, dt = ctx.layer, ctx.layer.scaling, g.dtype
-        mask = None if ctx.seed is None else _dropout_mask(x.shape, layer.lora_dropout, ctx.seed, x.device, dt)
+        x, h, A, B, keep = ctx.saved_tensors
+        layer, s, dt, p = ctx.layer, ctx.layer.scaling, g.dtype, ctx.layer.lora_dropout
+        if ctx.seed is not None and keep is None:
+            keep = _keep_mask(x.shape, p, ctx.seed, x.device)
         gB = (g @ B.to(dt)) * s
         dA = dB = dx = None
         if ctx.needs_input_grad[2]:
             dB = ((g.t() @ h.to(dt)) * s).to(B.dtype)
         if ctx.needs_input_grad[1]:
-            dA = (gB.t() @ (x if mask is None else x * mask)).to(A.dtype)
+            dA = (gB.t() @ (x if keep is None else _dropout(x, keep, p))).to(A.dtype)
         if ctx.needs_input_grad[0]:
             lora_dx = gB @ A.to(dt)
-            dx = base_backward(layer.base_layer, g) + (lora_dx if mask is None else lora_dx * mask)
+            dx = base_backward(layer.base_layer, g) + (lora_dx if keep is None else _dropout(lora_dx, keep, p))
         return dx, dA, dB, None, None

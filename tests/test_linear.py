@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from qlora_engine import nf4
-from qlora_engine.linear import LoraLinear, NF4Linear, _dropout_mask
+from qlora_engine.linear import LoraLinear, NF4Linear, _keep_mask
 
 
 def make_layer(n=48, k=40, bias=True, seed=0):
@@ -75,7 +75,7 @@ def test_lora_gradients_match_autograd(dropout, base_kind):
     mask = None
     if dropout:
         seed = int(torch.randint(0, 2**62, (), device="cpu"))
-        mask = _dropout_mask(x.shape, dropout, seed, x.device, x.dtype)
+        mask = _keep_mask(x.shape, dropout, seed, x.device).float() / (1 - dropout)
         assert 0.5 < (mask > 0).float().mean() < 0.9
     w = nf.dequantize(torch.float32) if base_kind == "nf4" else base.weight
     bias = nf.bias.float() if base_kind == "nf4" else base.bias
