@@ -20,6 +20,7 @@ from .linear import LoraLinear, NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROVENANCE = "qlora_engine.json"  # how the adapter was trained (base quantization, data); PEFT ignores it
 PEFT_PREFIX = "base_model.model."
 _REGEX_CHARS = set("*?[]()|^$+\\")
 
@@ -128,15 +129,24 @@ def adapter_config(model: nn.Module, base_model: str | None) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors into `out_dir`, each file atomically."""
+    """Write adapter_config.json + adapter_model.safetensors (+ `extra` as qlora_engine.json) into
+    `out_dir`, each file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensorfiles.save_file(out_dir / ADAPTER_WEIGHTS, {k: v.contiguous() for k, v in lora_state_dict(model).items()})
-    cfg = adapter_config(model, base_model)
+    tensorfiles.write_text_atomic(out_dir / ADAPTER_CONFIG, json.dumps(adapter_config(model, base_model), indent=2) + "\n")
     if extra:
-        cfg["qlora_engine"] = extra  # provenance; PEFT ignores unknown top-level keys
-    tensorfiles.write_text_atomic(out_dir / ADAPTER_CONFIG, json.dumps(cfg, indent=2) + "\n")
+        tensorfiles.write_text_atomic(out_dir / PROVENANCE, json.dumps(extra, indent=2) + "\n")
     return out_dir
+
+
+def read_provenance(adapter_dir: str | Path) -> dict:
+    """How an adapter was trained (base kind and quantization, data), {} when unknown."""
+    p = Path(adapter_dir) / PROVENANCE
+    if p.exists():
+        return json.loads(p.read_text())
+    cfg = Path(adapter_dir) / ADAPTER_CONFIG
+    return json.loads(cfg.read_text()).get("qlora_engine", {}) if cfg.exists() else {}
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

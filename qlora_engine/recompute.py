@@ -111,7 +111,6 @@ def enable(model: nn.Module, offload: bool = False) -> int:
 def disable(model: nn.Module) -> None:
     _, layers = decoder_layers(model)
     for layer in layers:
-        inner = getattr(layer, "_qlora_recompute", None)
-        if inner is not None:
-            layer.forward = inner
+        if getattr(layer, "_qlora_recompute", None) is not None:
+            del layer.forward  # the instance attribute set by enable(); the class's forward shows again
             layer._qlora_recompute = None

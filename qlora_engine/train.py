@@ -34,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 EXIT_INTERRUPTED, EXIT_NONFINITE = 130, 3
+HELDOUT, HELDOUT_SAMPLES = "heldout_ids.json", 64
 
 
 class TrainingStopped(RuntimeError):
@@ -321,7 +322,7 @@ def train(cfg: RunConfig, out=print) -> Result:
     stream = batches.stream(pos.epoch, pos.index)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = _bar(total_steps, pos.step)
+    bar = _bar(total_steps, pos.step, out)
     t_start, tokens_start = time.perf_counter(), pos.tokens
     with _Signals() as signals:
         while pos.step < total_steps:
@@ -337,7 +338,7 @@ def train(cfg: RunConfig, out=print) -> Result:
                     last = list_checkpoints(out_dir)
                     where = f"the last good checkpoint, {last[-1]}, is intact" if last else "no checkpoint had been saved yet"
                     raise TrainingStopped(f"loss became {loss_value} at step {pos.step + 1} (micro-batch {k}); {where}. "
-                                          f"Lower lr, check the data, or raise max_grad_norm clipping.")  # fmt: skip
+                                          f"Lower lr or max_grad_norm, or check the data.")  # fmt: skip
                 loss.backward()
                 step_loss += loss_value
                 pos.tokens += int(b["position_ids"].numel())
@@ -382,6 +383,9 @@ def train(cfg: RunConfig, out=print) -> Result:
                                                               "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
                                                               "blocksize": cfg.blocksize, "quant_type": cfg.quant_type,
                                                               "double_quant": cfg.double_quant, "base": cfg.base})  # fmt: skip
+        # the held-out samples as token ids, so an export can be checked on exactly this text
+        heldout = [s.ids for s in prepared.eval.samples[:HELDOUT_SAMPLES]]
+        (tmp / HELDOUT).write_text(json.dumps({"tokenizer": str(model_dir), "samples": heldout}) + "\n")
     result.adapter_dir = final
     out(f"eval after {pos.step} steps: loss {result.eval_after['eval_loss']:.4f}, ppl {result.eval_after['eval_ppl']:.2f}"
         + (f" (before: {result.eval_before['eval_loss']:.4f})" if result.eval_before else ""))  # fmt: skip
@@ -403,9 +407,10 @@ def _advance(micro, batches: data_mod.Batches) -> tuple[int, int]:
 class _bar:
     """tqdm progress bar with loss, lr, tokens/s and peak memory (silent when stderr is not a terminal)."""
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, out):
         from tqdm.auto import tqdm
 
+        self.out = out
         self.t = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty()
                       and not os.environ.get("QLORA_ENGINE_PROGRESS"))  # fmt: skip
 
@@ -415,7 +420,10 @@ class _bar:
         self.t.update(1)
 
     def write(self, s: str) -> None:
-        self.t.write(s)
+        if self.t.disable:
+            self.out(s)
+        else:
+            self.t.write(s)
 
     def close(self) -> None:
         self.t.close()

@@ -75,3 +75,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(smollm2_dir, tmp_path_factory):
+    """A 2-layer random llama that uses SmolLM2's real tokenizer and chat template: the whole data
+    pipeline runs as for the real model, at a fraction of the cost."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-smol") / "model"
+    make_tiny_checkpoint(path, "llama", vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, hidden_size=64, intermediate_size=128, num_attention_heads=4)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, path / name)
+    return path
+
+
+def finetune_cfg(model_dir, out_dir, **kw):
+    """A small training config on the bundled demo data."""
+    from qlora_engine import config
+
+    base = dict(model=str(model_dir), data="demo", output_dir=str(out_dir), max_steps=4, batch_size=1, seq_len=256,
+                lr=1e-3, lora_r=8, lora_alpha=16, eval_every=0, save_every=0, seed=0)  # fmt: skip
+    base.update(kw)
+    return config.from_dict(base)
