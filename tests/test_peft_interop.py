@@ -47,4 +47,4 @@ def test_peft_on_bnb_reproduces_engine_logits(smollm2_dir, smollm2_tokenizer, tm
     diff, top1 = (up - ours).abs(), (up.argmax(-1) == ours.argmax(-1)).float().mean()
     print(f"\n[peft] adapter moves logits by up to {effect:.2f}; PEFT bf16: identical; PEFT fp32 upcast: "
           f"max |diff| {diff.max():.3f}, mean {diff.mean():.4f}, top-1 {top1:.3f}")
-    assert diff.mean() < 0.02 * effect and top1 >= 0.9
+    assert diff.mean() < 0.05 * effect and top1 >= 0.9
