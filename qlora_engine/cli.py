@@ -38,6 +38,6 @@ def finetune_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -18,7 +18,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     With z = h·Wᵀ (fp32), p = softmax(z): dloss/dz = (p − onehot(y)) / n, and with soft-capping
     z' = c·tanh(z/c): dz'/dz = 1 − tanh²(z/c). Then dloss/dh = dloss/dz · W. The forward computes
     this per chunk and keeps only dloss/dh ([N, H], h's dtype); W (lm_head) is frozen.
-    Peak extra memory: about 3 × chunk × vocab × 4 bytes.
+    Peak extra memory: 8 × chunk × vocab bytes (16-20 with soft-capping); `plan.loss_buffers`
+    replays these allocations.
     """
 
     @staticmethod
@@ -42,6 +43,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if softcap:
                     p.mul_(1.0 - t * t)
                 grad_h[s : s + chunk] = (p.div_(n)).to(h.dtype) @ weight
+            z = p = t = None  # free this chunk's logits before the next chunk allocates its own
         ctx.save_for_backward(grad_h)
         return total / n
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import data as data_mod
 from . import attention, default_model, lora, optim, recompute, tensorfiles
+from . import plan as plan_mod
 from .config import RunConfig
 from .loader import QuantSpec, load_model
 from .loss import causal_lm_loss
@@ -55,6 +56,8 @@ def build_model(cfg: RunConfig, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = default_model.resolve(cfg.model)
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{model_dir} has no tokenizer files; copy tokenizer.json / tokenizer_config.json from the original checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -265,6 +268,11 @@ def train(cfg: RunConfig, out=print) -> Result:
         raise ValueError(f"{out_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir")
     set_seed(cfg.seed)
     model, tokenizer, model_dir = build_model(cfg, device)
+    if cfg.resume:  # the settings a checkpoint was trained with, never a new solve
+        saved = torch.load(ckpts[-1] / "state.pt", weights_only=False)["config"]
+        cfg = cfg.replace(batch_size=saved["batch_size"], seq_len=saved["seq_len"])
+    cfg, mem_plan, why = plan_mod.resolve_auto(cfg, model_dir, device)
+    out(why)
     prepared = data_mod.prepare(cfg, tokenizer)
     seq_len = int(cfg.seq_len)
     out(f"data: {cfg.data} ({prepared.fmt}): train {prepared.train.summary()}; eval {prepared.eval.summary()}")
@@ -373,6 +381,7 @@ def train(cfg: RunConfig, out=print) -> Result:
     result.steps = pos.step
     result.tokens_per_second = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
     result.peak_memory = peak_memory(device)
+    out(plan_mod.peak_report(mem_plan, device))
     result.eval_after = quiet(evaluate, model, eval_batches, device, cfg.loss_chunk)
     metrics.log({"step": pos.step, **result.eval_after})
     if cfg.save_every and pos.step % cfg.save_every:

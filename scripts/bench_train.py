@@ -1,0 +1,211 @@
+"""Training throughput and peak memory: qlora_engine vs transformers + PEFT + bitsandbytes, same run.
+
+    python scripts/bench_train.py                       # CPU: SmolLM2-135M, seq 512, batch 1, r 16
+    python scripts/bench_train.py --device cuda --model DIR --seq 2048 --batch 2 --checkpointing
+    python scripts/bench_train.py --write benchmarks/train-cpu.md
+
+Each system runs in its own subprocess (so peak memory is its own) on the same packed rows of the
+bundled demo data, LoRA on every linear layer (dropout 0.05), bf16, AdamW (paged 8-bit on CUDA):
+- ours: the engine's loop pieces (NF4 base, fused LoRA autograd, varlen attention, chunked loss);
+- peft: the standard recipe, `prepare_model_for_kbit_training` + `get_peft_model` + `model(labels=)`;
+- peft-no-upcast: the same without `prepare_model_for_kbit_training` (no fp32 copies of the
+  16-bit parameters), the faster variant some users run.
+Tokens/s is the median over the timed steps after warm-up; peak memory is the process's peak RSS
+growth on CPU, `torch.cuda.max_memory_allocated` on CUDA. On CUDA, `ours-nokernels` repeats ours
+with the CUDA extension switched off (the end-to-end effect of csrc/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+SYSTEMS = ("ours", "peft", "peft-no-upcast")
+
+
+def batches(tok, seq: int, batch: int, n: int):
+    from qlora_engine import config, data
+
+    cfg = config.from_dict({"data": "demo", "seq_len": seq})
+    rows = data.make_rows(data.prepare(cfg, tok).train.samples, seq, packing=True)
+    rows = sorted(rows, key=lambda r: -len(r.ids))  # the fullest rows, the same for every system
+    out = []
+    for i in range(n):
+        pick = [rows[(i * batch + j) % len(rows)] for j in range(batch)]
+        out.append(data.collate(pick, tok.pad_token_id))
+    return out
+
+
+def run_one(system: str, a) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    from transformers import AutoTokenizer
+
+    from qlora_engine import default_model
+
+    model_dir = default_model.resolve(a.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    device = torch.device(a.device)
+    data = batches(tok, a.seq, a.batch, a.warmup + a.steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss()
+
+    if system.startswith("ours"):
+        from qlora_engine import config, lora, optim, recompute, train
+        from qlora_engine.loss import causal_lm_loss
+
+        if system == "ours-nokernels":
+            from qlora_engine import _ext
+
+            _ext.set_enabled(False)
+        cfg = config.from_dict({"model": str(model_dir), "lora_r": a.rank, "lora_alpha": 2 * a.rank, "lora_dropout": 0.05,
+                                "device": a.device, "seed": 0})  # fmt: skip
+        model, _, _ = train.build_model(cfg, device)
+        if a.checkpointing:
+            recompute.enable(model)
+        params = [p for _, p in lora.trainable_parameters(model)]
+        opt, _ = optim.build(params, "auto", 2e-4, 0.0, device)
+        model.train()
+
+        def step(b):
+            with train._autocast(device):
+                loss, _ = causal_lm_loss(model, b)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+    else:
+        import peft
+        import transformers
+
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                                  device_map={"": device})  # fmt: skip
+        if system == "peft":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.checkpointing)
+        elif a.checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
+                                                           target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
+        model.train()  # bnb's CPU eval mode repacks weights; never evaluate before training
+        params = [p for p in model.parameters() if p.requires_grad]
+        if device.type == "cuda":
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+        else:
+            opt = torch.optim.AdamW(params, lr=2e-4)
+
+        def step(b):
+            labels = b["targets"].roll(1, 1)  # transformers shifts labels itself: labels[t+1] = targets[t]
+            labels[:, 0] = -100
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=labels)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(out.loss)
+
+    times, tokens = [], []
+    for i, b in enumerate(data):
+        b = {k: v.to(device) for k, v in b.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(b["input_ids"].numel())
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _hwm() - base_rss
+    tps = statistics.median(n / t for n, t in zip(tokens, times))
+    return {"system": system, "tokens_per_s": tps, "step_s": statistics.median(times), "peak_bytes": peak}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    if os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak mark: count only what happens from here
+    return _status("VmRSS:")
+
+
+def _hwm() -> int:
+    return _status("VmHWM:")
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--systems", default=None, help="comma-separated subset of " + ", ".join(SYSTEMS + ("ours-nokernels",)))
+    ap.add_argument("--write", default=None, help="also write the table as markdown to this file")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system, print JSON
+    a = ap.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(run_one(a.one, a)))
+        return
+    systems = a.systems.split(",") if a.systems else list(SYSTEMS) + (["ours-nokernels"] if a.device == "cuda" else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results = []
+    for s in systems:
+        argv = [sys.executable, __file__, "--one", s] + [x for x in sys.argv[1:] if not x.startswith("--write")]
+        p = subprocess.run(argv, capture_output=True, text=True, env=env)
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{s}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(line[-1][7:]))
+        print(f"  {s}: {results[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    ours = next((r for r in results if r["system"] == "ours"), None)
+    cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    lines = [f"Training step, {a.model}, seq {a.seq}, batch {a.batch}, LoRA r={a.rank} on all linear layers, "
+             f"checkpointing {'on' if a.checkpointing else 'off'}, {a.steps} timed steps after {a.warmup} warm-up",
+             f"machine: {machine(a.device)}; torch {__import__('torch').__version__}", f"command: `{cmd}`", "",
+             "| system | tokens/s | step (s) | peak memory (MiB) | ours / system: speed | memory |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours else "-"
+        mem = f"{ours['peak_bytes'] / r['peak_bytes']:.2f}x" if ours and r["peak_bytes"] > 0 else "-"
+        lines.append(f"| {r['system']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {speed} | {mem} |")
+    print("\n".join(lines))
+    if a.write:
+        from qlora_engine.tensorfiles import write_text_atomic
+
+        write_text_atomic(a.write, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
