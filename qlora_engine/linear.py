@@ -180,6 +180,11 @@ def _dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 class LoraLinear(nn.Module):
     """A frozen base linear (NF4Linear or nn.Linear) plus a trainable low-rank update.
 
@@ -197,7 +202,7 @@ class LoraLinear(nn.Module):
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         device = base.weight.device
         a = torch.empty(r, self.in_features, dtype=torch.float32, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's (and PEFT's) default for lora_A

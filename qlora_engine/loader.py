@@ -67,7 +67,7 @@ def block_linear_names(model: nn.Module) -> list[str]:
     return [f"{prefix}.{name}" for name, mod in layers.named_modules() if _is_linear(mod) and not name.endswith(".base_layer")]
 
 
-def _empty_model(config, dtype: torch.dtype):
+def empty_model(config, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +95,7 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _quantized_prefixes(names) -> dict[str, str]:
+def quantized_prefixes(names) -> dict[str, str]:
     """Module prefix -> quant type, for every 4-bit weight present in a checkpoint."""
     out = {}
     for n in names:
@@ -127,8 +127,8 @@ def load_model(
     device = torch.device(device)
     config = load_config(model_dir)
     entries = list_tensors(model_dir)
-    prequant = _quantized_prefixes(entries)
-    model = _empty_model(config, dtype)
+    prequant = quantized_prefixes(entries)
+    model = empty_model(config, dtype)
 
     if prequant:
         targets = sorted(prequant)
@@ -146,7 +146,7 @@ def load_model(
     order = sorted(entries.values(), key=lambda e: (str(e.file), e.offset))
     bar = _progress(order, progress, f"loading {model_dir.name}")
     for e in bar:
-        owner, part = _weight_owner(e.name)
+        owner, part = weight_owner(e.name)
         if owner in target_set:
             layer = model.get_submodule(owner)
             if prequant:
@@ -183,7 +183,7 @@ def load_model(
     return model
 
 
-def _weight_owner(name: str) -> tuple[str | None, str | None]:
+def weight_owner(name: str) -> tuple[str | None, str | None]:
     """'a.b.weight' -> ('a.b', 'weight'); 'a.b.weight.absmax' -> ('a.b', 'weight.absmax'); else (None, None)."""
     if name.endswith(".weight"):
         return name[: -len(".weight")], "weight"

@@ -20,6 +20,7 @@ from .linear import LoraLinear, NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HELDOUT = "heldout_ids.json"  # the run's held-out samples as token ids, for checking an export
 PROVENANCE = "qlora_engine.json"  # how the adapter was trained (base quantization, data); PEFT ignores it
 PEFT_PREFIX = "base_model.model."
 _REGEX_CHARS = set("*?[]()|^$+\\")

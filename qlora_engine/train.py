@@ -35,7 +35,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 EXIT_INTERRUPTED, EXIT_NONFINITE = 130, 3
-HELDOUT, HELDOUT_SAMPLES = "heldout_ids.json", 64
+HELDOUT_SAMPLES = 64
 
 
 class TrainingStopped(RuntimeError):
@@ -126,21 +126,11 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.no_grad()
-def answer(model: nn.Module, tokenizer, question: str, max_new_tokens: int, device: torch.device) -> str:
+def answer(model: nn.Module, tokenizer, question: str, max_new_tokens: int) -> str:
     """Greedy answer to one user message, through the chat template when the tokenizer has one."""
-    was_training = model.training
-    model.eval()
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
-    else:
-        ids = tokenizer(question, return_tensors="pt").input_ids
-    ids = ids.to(device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
-    model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    from .generate import generate
+
+    return generate(model, tokenizer, question, max_new_tokens)
 
 
 @dataclass
@@ -323,7 +313,7 @@ def train(cfg: RunConfig, out=print) -> Result:
         out(f"eval before training: loss {result.eval_before['eval_loss']:.4f}, ppl {result.eval_before['eval_ppl']:.2f}")
         metrics.log({"step": 0, **result.eval_before})
         if cfg.sample_prompt:
-            result.answer_before = quiet(answer, model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens, device)
+            result.answer_before = quiet(answer, model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
             out(f"sample before: Q: {cfg.sample_prompt}\n               A: {result.answer_before}")
 
     model.train()
@@ -394,14 +384,14 @@ def train(cfg: RunConfig, out=print) -> Result:
                                                               "double_quant": cfg.double_quant, "base": cfg.base})  # fmt: skip
         # the held-out samples as token ids, so an export can be checked on exactly this text
         heldout = [s.ids for s in prepared.eval.samples[:HELDOUT_SAMPLES]]
-        (tmp / HELDOUT).write_text(json.dumps({"tokenizer": str(model_dir), "samples": heldout}) + "\n")
+        (tmp / lora.HELDOUT).write_text(json.dumps({"tokenizer": str(model_dir), "samples": heldout}) + "\n")
     result.adapter_dir = final
     out(f"eval after {pos.step} steps: loss {result.eval_after['eval_loss']:.4f}, ppl {result.eval_after['eval_ppl']:.2f}"
         + (f" (before: {result.eval_before['eval_loss']:.4f})" if result.eval_before else ""))  # fmt: skip
     out(f"throughput {result.tokens_per_second:.0f} tokens/s; peak {'GPU' if device.type == 'cuda' else 'host'} memory "
         f"{result.peak_memory / 2**30:.2f} GiB; adapter saved to {final}")  # fmt: skip
     if cfg.sample_prompt:
-        result.answer_after = quiet(answer, model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens, device)
+        result.answer_after = quiet(answer, model, tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens)
         out(f"sample after:  Q: {cfg.sample_prompt}\n               A: {result.answer_after}")
     return result
 

@@ -48,7 +48,7 @@ def test_chat_keeps_the_history_and_stops_at_an_empty_line(models, capsys):
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[2]["content"] == "And its currency?"
     # the second answer was generated after the whole first exchange
-    second = gen.prompt_ids(tok, history[:3])
+    second = gen.prompt_ids(tok, history[:3])[0]
     assert tok.decode(second).count("<|im_start|>user") == 2
     assert capsys.readouterr().out.count("\n") == 2
 

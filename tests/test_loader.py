@@ -100,7 +100,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     import sys, torch, transformers
     from qlora_engine import loader
     if sys.argv[2] == "skeleton":  # everything but the tensor data: imports, config, empty model
-        loader._empty_model(loader.load_config(sys.argv[1]), torch.bfloat16)
+        loader.empty_model(loader.load_config(sys.argv[1]), torch.bfloat16)
     else:
         loader.load_model(sys.argv[1])
     for line in open("/proc/self/status"):

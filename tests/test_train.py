@@ -120,7 +120,7 @@ def test_refuses_to_overwrite_checkpoints_without_resume(tiny_smol_dir, tmp_path
 
 
 def test_dry_run_shows_marked_samples(tiny_smol_dir, tmp_path, capsys):
-    r = subprocess.run(FINETUNE + ["--model", str(tiny_smol_dir), "--output_dir", str(tmp_path / "x"), "--dry_run"],
+    r = subprocess.run(FINETUNE + ["--model", str(tiny_smol_dir), "--output_dir", str(tmp_path / "x"), "--seq_len", "256", "--dry_run"],
                        capture_output=True, text=True, check=True)  # fmt: skip
     assert r.stdout.count("--- sample") == 2 and "«The capital of Quenlar is Ostrevane.<|im_end|>" in r.stdout
     assert not (tmp_path / "x" / "adapter").exists()

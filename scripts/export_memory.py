@@ -1,0 +1,124 @@
+"""Peak host memory of a merged export (`python -m qlora_engine.export`), next to the 16-bit model size.
+
+    python scripts/export_memory.py                      # cached SmolLM2-135M-Instruct + a synthetic adapter
+    python scripts/export_memory.py --model DIR --adapter DIR [--dtype fp16] [--max-shard-size 500MB]
+
+The export runs in a subprocess that prints its peak resident set (VmHWM from /proc); a second
+subprocess does everything but the tensors (imports, config, the empty model on the meta device) and
+gives the baseline. glibc gets a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_) so freed tensor
+buffers go back to the OS and the peak measures live memory, not allocator pools. The export streams
+tensor by tensor, so its growth over the baseline should be about the largest tensor plus buffers,
+well below one copy of the model. No fidelity report (--no-report): that one loads the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import sys
+from qlora_engine import export, loader
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "baseline":
+    loader.empty_model(loader.load_config(args[args.index("--model") + 1]), export.TRAIN_DTYPE)
+elif export.main(args) != 0:
+    sys.exit(1)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("VmHWM", int(line.split()[1]) * 1024)
+"""
+
+
+def peak_rss(mode: str, export_args: list[str]) -> tuple[int, float]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, *export_args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"error: the {mode} run failed:\n{r.stderr.strip()}")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("VmHWM "))
+    return int(line.split()[1]), time.perf_counter() - t0
+
+
+def synthetic_adapter(model_dir: Path, out: Path, r: int) -> Path:
+    """LoRA rank r on every decoder-block linear with random nonzero B, saved as training saves it."""
+    import torch
+
+    from qlora_engine import loader, lora
+
+    model = loader.load_model(model_dir)
+    lora.add_lora(model, r, 2.0 * r, seed=0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.01)
+    extra = {"base": "nf4", "blocksize": 64, "quant_type": "nf4", "double_quant": True, "data": "synthetic"}
+    return lora.save_adapter(model, out, str(model_dir), extra=extra)
+
+
+def weight_bytes(model_dir: Path) -> int:
+    from qlora_engine.tensorfiles import checkpoint_files
+
+    return sum(p.stat().st_size for p in checkpoint_files(model_dir))
+
+
+def largest_tensor(model_dir: Path) -> tuple[str, int]:
+    from qlora_engine.tensorfiles import list_tensors
+
+    e = max(list_tensors(model_dir).values(), key=lambda e: e.nbytes)
+    return e.name, e.nbytes
+
+
+def machine() -> str:
+    mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal:")), "0") if os.path.exists("/proc/meminfo") else "0"
+    import torch
+
+    return (f"{platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
+            f"{int(mem) / 2**20:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="16-bit base checkpoint (default: the cached SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None, help="adapter directory (default: a synthetic rank-16 adapter on every linear)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--rank", type=int, default=16, help="rank of the synthetic adapter")
+    a = ap.parse_args()
+    if not os.path.exists("/proc/self/status"):
+        sys.exit("error: needs Linux /proc to read the peak resident set")
+
+    from qlora_engine import default_model
+    from qlora_engine.sizes import fmt_bytes
+
+    model_dir = default_model.resolve(a.model) if a.model else default_model.ensure()
+    with tempfile.TemporaryDirectory(prefix="export-memory-") as tmp:
+        tmp = Path(tmp)
+        adapter = Path(a.adapter) if a.adapter else synthetic_adapter(model_dir, tmp / "adapter", a.rank)
+        args = ["--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp / "merged"), "--dtype", a.dtype,
+                "--max-shard-size", a.max_shard_size, "--no-report"]  # fmt: skip
+        base_rss, _ = peak_rss("baseline", args)
+        peak, seconds = peak_rss("export", args)
+        out_bytes = weight_bytes(tmp / "merged")
+    model_bytes = weight_bytes(model_dir)
+    name, biggest = largest_tensor(model_dir)
+    growth = peak - base_rss
+    print(f"| 16-bit model | export written | largest tensor | baseline RSS | export peak RSS | growth | growth / model |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {fmt_bytes(model_bytes)} | {fmt_bytes(out_bytes)} ({a.dtype}) | {fmt_bytes(biggest)} ({name}) | "
+          f"{fmt_bytes(base_rss)} | {fmt_bytes(peak)} | {fmt_bytes(growth)} | {growth / model_bytes:.2f} |")  # fmt: skip
+    print()
+    print(f"export: {seconds:.1f} s wall (with interpreter start); baseline = imports + config + empty model, no tensors")
+    print(f"command: python {shlex.join(sys.argv)}")
+    print(f"export run: python -m qlora_engine.export {shlex.join(args)}")
+    print(f"machine: {machine()}")
+
+
+if __name__ == "__main__":
+    main()
