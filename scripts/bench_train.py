@@ -152,6 +152,18 @@ def _hwm() -> int:
     return _status("VmHWM:")
 
 
+def _without_write(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+        elif x == "--write":
+            skip = True
+        elif not x.startswith("--write="):
+            out.append(x)
+    return out
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         import torch
@@ -182,7 +194,7 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results = []
     for s in systems:
-        argv = [sys.executable, __file__, "--one", s] + [x for x in sys.argv[1:] if not x.startswith("--write")]
+        argv = [sys.executable, __file__, "--one", s] + _without_write(sys.argv[1:])
         p = subprocess.run(argv, capture_output=True, text=True, env=env)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode or not line:

@@ -113,3 +113,13 @@ def test_bad_lora_settings():
         LoraLinear(make_layer(), r=0, alpha=1)
     with pytest.raises(ValueError, match="dropout"):
         LoraLinear(make_layer(), r=2, alpha=1, dropout=1.0)
+
+
+def test_dropout_mask_rate_and_determinism():
+    m = _keep_mask((1000, 999), 0.1, seed=7, device=torch.device("cpu"))
+    assert m.shape == (1000, 999) and m.dtype == torch.bool
+    flat = m.view(-1).float()
+    for part in (flat, flat[0::2], flat[1::2]):  # both halves of each random draw
+        assert abs(part.mean().item() - 0.9) < 0.003
+    assert torch.equal(m, _keep_mask((1000, 999), 0.1, seed=7, device=torch.device("cpu")))
+    assert not torch.equal(m, _keep_mask((1000, 999), 0.1, seed=8, device=torch.device("cpu")))
