@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import default_model, lora, loader, nf4
+from . import default_model, lora, loader, nf4, ops
 from .linear import lora_scaling
 from .generate import (TRAIN_DTYPE, adapter_base, generate, is_4bit_checkpoint, load_tokenizer, load_trained, provenance,
                        quiet_loading)  # fmt: skip
@@ -194,7 +194,7 @@ def _merged_tensor(item: _Item, adapter: Adapter, entries: dict[str, TensorEntry
         w = read_tensor(entries[item.source]).to(device=device, dtype=TRAIN_DTYPE)  # training quantized from bf16
         if item.kind == "nf4":
             q = adapter.quant
-            packed, state = nf4.quantize_4bit(w, q.blocksize, q.quant_type, q.double_quant)
+            packed, state = ops.quantize_weight(w, q.blocksize, q.quant_type, q.double_quant)
             w = nf4.dequantize_4bit(packed, state, torch.float32)
             del packed
         else:
@@ -233,7 +233,7 @@ def write_requantized(export_dir: Path, out_dir: Path, quantized: list[str], qua
         owner, part = loader.weight_owner(e.name)
         if part != "weight" or owner not in todo:
             return [(e.name, read_tensor(e))]
-        packed, state = nf4.quantize_4bit(read_tensor(e).to(device), quant.blocksize, quant.quant_type, quant.double_quant)
+        packed, state = ops.quantize_weight(read_tensor(e).to(device), quant.blocksize, quant.quant_type, quant.double_quant)
         return [(e.name, packed)] + [(f"{owner}.{k}", t) for k, t in state.state_dict("weight").items()]
 
     specs = []

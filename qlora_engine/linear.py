@@ -46,7 +46,7 @@ class NF4Linear(nn.Module):
         """Quantize a dense [out, in] weight (on its own device)."""
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
-        packed, state = nf4.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+        packed, state = ops.quantize_weight(weight, blocksize, quant_type, double_quant)
         layer.set_quantized(packed, state)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

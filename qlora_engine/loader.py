@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import nf4
+from . import nf4, ops
 from .linear import LoraLinear, NF4Linear
 from .tensorfiles import list_tensors, read_tensor
 
@@ -155,7 +155,7 @@ def load_model(
                 _maybe_finish_prequant(layer, owner, parts, pending, device)
             else:
                 w = read_tensor(e).to(device=device, dtype=dtype)
-                packed, state = nf4.quantize_4bit(w, quant.blocksize, quant.quant_type, quant.double_quant)
+                packed, state = ops.quantize_weight(w, quant.blocksize, quant.quant_type, quant.double_quant)
                 del w
                 layer.set_quantized(packed, state)
             continue

@@ -275,21 +275,24 @@ class QuantState:
 
 
 def quantize_4bit(
-    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+    first_level=quantize_codes_4bit, second_level=quantize_codes_8bit,
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize a weight (any shape; fp32/fp16/bf16) to packed 4-bit and its state.
 
-    Returns the packed codes as uint8 `[(n+1)//2, 1]`, bnb's `Params4bit` layout.
+    Returns the packed codes as uint8 `[(n+1)//2, 1]`, bnb's `Params4bit` layout. `first_level` and
+    `second_level` are the two blockwise quantizers; `ops.quantize_weight` passes the custom ops.
     """
     if w.dtype not in _DTYPE_NAMES:
         raise ValueError(f"cannot quantize a {w.dtype} tensor: give float32, float16 or bfloat16")
+    check_blocksize(blocksize)
     code = code_table(quant_type, w.device)
-    packed, absmax = quantize_codes_4bit(w, code, blocksize)
+    packed, absmax = first_level(w, code, blocksize)
     state = QuantState(absmax=absmax, shape=tuple(w.shape), code=code, blocksize=blocksize, quant_type=quant_type, dtype=w.dtype)
     if double_quant:
         offset = absmax.cpu().mean()  # CPU reduction: the same float32 on every device
         nested_code = dynamic_map(w.device)
-        qabsmax, nested_absmax = quantize_codes_8bit(absmax - offset.to(absmax.device), nested_code, NESTED_BLOCKSIZE)
+        qabsmax, nested_absmax = second_level(absmax - offset.to(absmax.device), nested_code, NESTED_BLOCKSIZE)
         state = replace(state, absmax=qabsmax, nested_absmax=nested_absmax, nested_code=nested_code, offset=float(offset))
     return packed.view(-1, 1), state
 

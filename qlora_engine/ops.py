@@ -136,6 +136,11 @@ def _(dy, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n
     return dy.new_empty((*dy.shape[:-1], k))
 
 
+def quantize_weight(w: Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True):
+    """`nf4.quantize_4bit` through the ops, so a registered CUDA kernel quantizes CUDA tensors."""
+    return nf4.quantize_4bit(w, blocksize, quant_type, double_quant, first_level=quantize_4bit, second_level=quantize_8bit)
+
+
 # Every op above, by name: the CUDA library registers a kernel for each name it implements, and
 # falls back to REFERENCE (the plain functions, no dispatch) for inputs its kernels do not cover.
 REFERENCE = {name: globals()[f"ref_{name}"] for name in ("quantize_4bit", "quantize_8bit", "dequantize_4bit", "matmul_4bit", "matmul_4bit_t")}
