@@ -2,8 +2,8 @@
 the saved layer inputs in pinned host memory instead of on the GPU.
 
 Each decoder layer runs without autograd in the forward pass; only its input is kept. In the
-backward pass the layer is run again, with the RNG as it was (so LoRA dropout masks repeat), and
-backpropagated. Works on any model whose decoder blocks `loader.decoder_layers` finds.
+backward pass the layer is run again, with the RNG and the autocast settings as they were (so LoRA
+dropout masks repeat and every op runs in the same dtype), and backpropagated. Works on any model whose decoder blocks `loader.decoder_layers` finds.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ class _Offloaded:
         return self.host.to(self.device, non_blocking=True)
 
 
+def _autocast_state(device_type: str) -> dict:
+    enabled = torch.is_autocast_enabled(device_type)
+    return {"enabled": enabled, "dtype": torch.get_autocast_dtype(device_type),
+            "cache_enabled": torch.is_autocast_cache_enabled()}
+
+
 class _Recompute(torch.autograd.Function):
     """out = layer(x) with nothing of the layer saved but x (or its host copy) and the RNG states.
 
@@ -49,6 +55,8 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offload, anchor, x):
         ctx.run = run
+        # The backward runs outside the caller's autocast region: replay the forward's settings.
+        ctx.autocast = _autocast_state(x.device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         with torch.no_grad():
@@ -69,7 +77,7 @@ class _Recompute(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):
                 out = ctx.run(x)
         torch.autograd.backward(out, grad_out)
         return None, None, None, x.grad

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--write", default=None, help="also write the result as markdown here")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,8 +73,8 @@ def main() -> None:
                 "lr": a.lr or 2e-4, "batch_size": 2, "eval_every": 10}  # fmt: skip
     runs = {}
     for base in ("nf4", "bf16"):
-        cfg = config.from_dict({"model": a.model, "base": base, "output_dir": str(tmp / base), "seq_len": 512, "lora_r": 16,
-                                "lora_alpha": 32, "lora_dropout": 0.05, "seed": a.seed, "warmup": 0.1, **task})  # fmt: skip
+        cfg = config.from_dict({"model": a.model, "base": base, "output_dir": str(tmp / base), "seq_len": 512, "lora_r": a.rank,
+                                "lora_alpha": 2 * a.rank, "lora_dropout": 0.05, "seed": a.seed, "warmup": 0.1, **task})  # fmt: skip
         print(f"--- {base} base ---", file=sys.stderr, flush=True)
         r = train.train(cfg, out=lambda s: print(s, file=sys.stderr, flush=True))
         curve = [json.loads(l) for l in (tmp / base / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +84,7 @@ def main() -> None:
     gap = (nf["after"] - bf["after"]) / bf["after"]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     lines = [f"QLoRA (NF4+DQ base) vs LoRA (bf16 base), {a.model}, task {a.task}: {json.dumps(task)}",
-             f"LoRA r=16 alpha=32 dropout=0.05 on all linear layers, seq 512, seed {a.seed}; machine: {cpu}; torch {torch.__version__}",
+             f"LoRA r={a.rank} alpha={2 * a.rank} dropout=0.05 on all linear layers, seq 512, seed {a.seed}; machine: {cpu}; torch {torch.__version__}",
              f"command: `python {' '.join(sys.argv)}`", "",
              "| step | eval loss, NF4 base | eval loss, bf16 base | gap |", "|---|---|---|---|"]  # fmt: skip
     for step in sorted(nf["curve"]):

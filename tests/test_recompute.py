@@ -6,9 +6,9 @@ from qlora_engine import lora, loader, recompute
 from qlora_engine.loss import causal_lm_loss
 
 
-def grads(model_dir, checkpointing, offload=False):
+def grads(model_dir, checkpointing, offload=False, autocast=None):
     torch.manual_seed(0)
-    model = loader.load_model(model_dir)
+    model = loader.load_model(model_dir, **({"dtype": torch.float32} if autocast else {}))
     lora.add_lora(model, 4, 8, dropout=0.2, seed=1)
     for layer in lora.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.02)
@@ -20,7 +20,8 @@ def grads(model_dir, checkpointing, offload=False):
     torch.manual_seed(5)  # same dropout draws in both runs
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        loss, _ = causal_lm_loss(model, batch)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss, _ = causal_lm_loss(model, batch)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, sum(saved)
 
@@ -43,3 +44,13 @@ def test_disable_restores_forward(tiny_dir):
     recompute.disable(model)
     _, layers = loader.decoder_layers(model)
     assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_recompute_replays_autocast(tiny_dir):
+    """The recompute runs in backward, outside the caller's autocast region: it must restore it,
+    or the layer is recomputed in another dtype and its gradients are those of a different function."""
+    l0, g0, _ = grads(tiny_dir, checkpointing=False, autocast=torch.bfloat16)
+    l1, g1, _ = grads(tiny_dir, checkpointing=True, autocast=torch.bfloat16)
+    assert l0 == l1
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
