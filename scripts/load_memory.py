@@ -1,0 +1,76 @@
+"""Peak host memory while loading a checkpoint into 4-bit NF4 (double quantization), on the CPU:
+the engine's streaming loader vs `transformers.AutoModelForCausalLM.from_pretrained(...,
+quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`, same checkpoint, same run.
+
+    python scripts/load_memory.py                  # the cached SmolLM2-135M-Instruct (bf16)
+    python scripts/load_memory.py --model DIR
+
+Each load runs in its own subprocess, which prints its peak resident set (VmHWM); a third subprocess
+imports torch, transformers, bitsandbytes and this package and builds the empty (meta) model: the
+baseline both are measured against. glibc gets a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_) so
+freed tensor buffers go back to the OS and the peak measures live memory, not allocator pools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch, transformers, bitsandbytes
+from qlora_engine import loader
+mode, path = sys.argv[1], sys.argv[2]
+if mode == "baseline":
+    loader.empty_model(loader.load_config(path), torch.bfloat16)
+elif mode == "engine":
+    loader.load_model(path)
+else:
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.bfloat16)
+    transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                      device_map="cpu")
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("VmHWM", int(line.split()[1]) * 1024)
+"""
+
+
+def peak(mode: str, model: Path) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(model)], capture_output=True, text=True, env=env)
+    line = [l for l in r.stdout.splitlines() if l.startswith("VmHWM")]
+    if r.returncode or not line:
+        sys.exit(f"error: the {mode} load failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return int(line[-1].split()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="bf16 checkpoint dir (default: the cached SmolLM2-135M-Instruct)")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from qlora_engine import default_model
+
+    model = default_model.resolve(a.model) if a.model else default_model.ensure()
+    size = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+    base = peak("baseline", model)
+    rows = [(name, peak(mode, model) - base) for name, mode in
+            (("qlora_engine loader.load_model", "engine"), ("transformers + bitsandbytes from_pretrained", "bnb"))]
+    mib = 2**20
+    print(f"checkpoint {model}: {size / mib:.0f} MiB of safetensors; baseline (imports + empty model) {base / mib:.0f} MiB")
+    print("| loader | peak RSS over baseline (MiB) | vs checkpoint size |")
+    print("|---|---|---|")
+    for name, grow in rows:
+        print(f"| {name} | {grow / mib:.0f} | {grow / size:.2f}x |")
+    print(f"engine / transformers+bnb: {rows[0][1] / max(rows[1][1], 1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
