@@ -6,9 +6,9 @@
 #   bash scripts/gpu_session.sh                 # all stages
 #   bash scripts/gpu_session.sh ext tests       # some: env ext check kernels tests sanitize train finetune plan
 #
-# Expects: python3 with torch (CUDA), transformers, peft, accelerate; bitsandbytes either installed or
-# as wheels in .whl/ (scripts are run with PYTHONPATH set to those and the repo); the SmolLM2 tokenizer
-# files in .gpu/tok (the model itself is generated: random weights, real shapes).
+# Expects: python3 with torch (CUDA), transformers, peft, accelerate; bitsandbytes and datasets (with
+# dill, multiprocess) either installed or as wheels in .whl/, installed into /tmp/site at the start;
+# the SmolLM2 tokenizer files in .gpu/tok (the model itself is generated: random weights, real shapes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,7 +23,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$ROOT
 fi
-stages=("${@:-env ext check sweep kernels tests sanitize train finetune plan}")
+stages=("${@:-env ext check kernels tests sanitize train finetune plan}")
 stages=(${stages[@]})
 summary=()
 
@@ -59,11 +59,6 @@ if want ext; then
   stage ext 120 $PY -m qlora_engine.ext --check
 fi
 want check && stage check 300 $PY scripts/bench_kernels.py --check
-if want sweep; then  # the forward GEMV's prefetch depth (QE_GEMV_FWD_DEPTH), small M only
-  for d in 1 2 4; do
-    QE_GEMV_FWD_DEPTH=$d stage sweep$d 120 $PY scripts/bench_kernels.py --quick --no-write --shapes llama2-7b,llama-65b --m 1,4,16
-  done
-fi
 want kernels && stage kernels 540 $PY scripts/bench_kernels.py ${KERNEL_ARGS:-}
 want tests && stage tests 420 $PY -m pytest -m gpu -q -p no:cacheprovider -x --durations=10
 want sanitize && stage sanitize 420 bash scripts/sanitize_kernels.sh ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
