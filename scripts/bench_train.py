@@ -152,7 +152,9 @@ def _rss() -> int:
 
 
 def _hwm() -> int:
-    return _status("VmHWM:")
+    from qlora_engine.sizes import peak_rss
+
+    return peak_rss()
 
 
 def _without_write(args: list[str]) -> list[str]:

@@ -3,10 +3,9 @@
     python scripts/export_memory.py                      # cached SmolLM2-135M-Instruct + a synthetic adapter
     python scripts/export_memory.py --model DIR --adapter DIR [--dtype fp16] [--max-shard-size 500MB]
 
-The export runs in a subprocess that prints its peak resident set (VmHWM from /proc); a second
-subprocess does everything but the tensors (imports, config, the empty model on the meta device) and
-gives the baseline. glibc gets a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_) so freed tensor
-buffers go back to the OS and the peak measures live memory, not allocator pools. The export streams
+The export runs in a subprocess whose peak resident set is measured (`sizes.child_peak_rss`, VmHWM); a
+second subprocess does everything but the tensors (imports, config, the empty model on the meta
+device) and gives the baseline. The export streams
 tensor by tensor, so its growth over the baseline should be about the largest tensor plus buffers,
 well below one copy of the model. No fidelity report (--no-report): that one loads the models.
 """
@@ -17,7 +16,6 @@ import argparse
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,20 +29,18 @@ if mode == "baseline":
     loader.empty_model(loader.load_config(args[args.index("--model") + 1]), export.TRAIN_DTYPE)
 elif export.main(args) != 0:
     sys.exit(1)
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        print("VmHWM", int(line.split()[1]) * 1024)
 """
 
 
 def peak_rss(mode: str, export_args: list[str]) -> tuple[int, float]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    from qlora_engine.sizes import child_peak_rss
+
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", CHILD, mode, *export_args], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.exit(f"error: the {mode} run failed:\n{r.stderr.strip()}")
-    line = next(l for l in r.stdout.splitlines() if l.startswith("VmHWM "))
-    return int(line.split()[1]), time.perf_counter() - t0
+    try:
+        peak = child_peak_rss(CHILD, [mode, *export_args])
+    except RuntimeError as e:
+        sys.exit(f"error: the {mode} run failed: {e}")
+    return peak, time.perf_counter() - t0
 
 
 def synthetic_adapter(model_dir: Path, out: Path, r: int) -> Path:

@@ -5,17 +5,15 @@ quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`, same checkpoin
     python scripts/load_memory.py                  # the cached SmolLM2-135M-Instruct (bf16)
     python scripts/load_memory.py --model DIR
 
-Each load runs in its own subprocess, which prints its peak resident set (VmHWM); a third subprocess
+Each load runs in its own subprocess (`sizes.child_peak_rss`: peak resident set, VmHWM); a third subprocess
 imports torch, transformers, bitsandbytes and this package and builds the empty (meta) model: the
-baseline both are measured against. glibc gets a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_) so
-freed tensor buffers go back to the OS and the peak measures live memory, not allocator pools.
+baseline both are measured against.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,20 +33,16 @@ else:
                                         bnb_4bit_compute_dtype=torch.bfloat16)
     transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
                                                       device_map="cpu")
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        print("VmHWM", int(line.split()[1]) * 1024)
 """
 
 
 def peak(mode: str, model: Path) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(model)], capture_output=True, text=True, env=env)
-    line = [l for l in r.stdout.splitlines() if l.startswith("VmHWM")]
-    if r.returncode or not line:
-        sys.exit(f"error: the {mode} load failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return int(line[-1].split()[1])
+    from qlora_engine.sizes import child_peak_rss
+
+    try:
+        return child_peak_rss(CHILD, [mode, model], {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    except RuntimeError as e:
+        sys.exit(f"error: the {mode} load failed: {e}")
 
 
 def main() -> None:

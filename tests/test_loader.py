@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,6 +11,7 @@ from torch import nn
 
 from qlora_engine import loader
 from qlora_engine.linear import NF4Linear
+from qlora_engine.sizes import child_peak_rss
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
@@ -103,19 +102,11 @@ PEAK_SCRIPT = textwrap.dedent("""
         loader.empty_model(loader.load_config(sys.argv[1]), torch.bfloat16)
     else:
         loader.load_model(sys.argv[1])
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            print(int(line.split()[1]) * 1024)
 """)
 
 
 def peak_rss(path, mode):
-    # A fixed mmap threshold makes glibc return freed tensor buffers to the OS, so the peak RSS
-    # measures live memory rather than allocator pools (tensors of a real model are far above
-    # glibc's dynamic threshold anyway).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), mode], capture_output=True, text=True, check=True, env=env)
-    return int(r.stdout.split()[-1])
+    return child_peak_rss(PEAK_SCRIPT, [path, mode])
 
 
 def test_peak_host_memory_stays_below_16bit_model(tmp_path):
