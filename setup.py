@@ -5,8 +5,10 @@ normal `pip install .` and, in editable mode, for `pip install -e .` (PEP 660): 
 csrc/*.cu with nvcc (csrc/build.py) into qlora_engine/_lib/libqlora_engine_cuda.so: the source
 tree when editable, the wheel otherwise. It never fails the install: without nvcc, with
 QLORA_ENGINE_BUILD_CUDA=0, or when nvcc fails, it prints one line saying why and goes on (the
-package then runs on its PyTorch reference ops). The same line is kept in
-qlora_engine/_lib/BUILD_STATUS.txt, which `python -m qlora_engine.ext` reports.
+package then runs on its PyTorch reference ops). A library built from the same csrc/ sources (by
+source hash) is kept, not rebuilt. A machine with nvcc but no GPU builds it too: that is how a
+build is carried to a GPU machine. The same line is kept in
+qlora_engine/_lib/BUILD_STATUS.txt, which `qlora ext` reports.
 """
 
 import importlib.util
@@ -39,6 +41,8 @@ def build_cuda_library(lib_dir: Path) -> str:
         b = _builder()
         if b.find_nvcc() is None:
             return "CUDA library skipped: nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+        if not b.is_stale(lib_dir / b.LIB_NAME):
+            return f"CUDA library up to date: csrc/ unchanged since it was built (source hash {b.source_hash()}); not rebuilt"
         ok, msg = b.build(lib_dir / b.LIB_NAME)
     except Exception as e:  # noqa: BLE001 - never fail the install over the optional library
         ok, msg = False, f"{type(e).__name__}: {e}"
@@ -50,7 +54,7 @@ class BuildPyWithCuda(build_py):
         super().run()
         lib_dir = (ROOT if self.editable_mode else Path(self.build_lib)) / "qlora_engine" / "_lib"
         line = build_cuda_library(lib_dir)
-        if not self.editable_mode and not line.startswith("CUDA library built"):
+        if not self.editable_mode and not line.startswith(("CUDA library built", "CUDA library up to date")):
             # package-data may have copied a library left in the source tree by an earlier editable
             # build; a wheel carries only what this build compiled.
             for stale in lib_dir.glob("*.so"):

@@ -1,7 +1,7 @@
 /* Library-level entry points: ABI version, error strings and a probe of the CUDA runtime.
  *
  * No kernels here. qe_probe is the first call that initialises this library's (statically linked)
- * CUDA runtime; _ext.py calls it only when a CUDA tensor reaches a kernel wrapper, so importing
+ * CUDA runtime; quant/cuda.py calls it only when a CUDA tensor reaches a kernel wrapper, so importing
  * qlora_engine never touches CUDA.
  */
 #include "common.h"

@@ -1,7 +1,8 @@
 """Build libqlora_engine_cuda.so from the .cu files beside this script, with nvcc.
 
-The one place that knows the nvcc command: setup.py, scripts/bench_kernels.py and tests/test_ext.py
-all call `build()`. Standard library only (setup.py runs it before anything is installed).
+The one place that knows the nvcc command. setup.py loads it by path (it runs before the package is
+installed); everything else through `qlora_engine.quant.cuda.builder()` (scripts/bench_kernels.py,
+tests/quant/test_cuda.py). Standard library only.
 
     python csrc/build.py                      # all default archs -> qlora_engine/_lib/
     python csrc/build.py --arch 90 --out /tmp/lib.so

@@ -1,7 +1,7 @@
 /* Shared device helpers for the kernels in csrc/: the quant-state view, absmax decoding, code-table
  * lookups, dtype packing and the inline-PTX wrappers (mma.sync, ldmatrix, cp.async).
  *
- * Rounding rules (the spec is qlora_engine/nf4.py):
+ * Rounding rules (the spec is qlora_engine/quant/nf4.py):
  *  - nested absmax: fl(fl(nested_code[q] * nested_absmax[b / 256]) + offset): two roundings, so
  *    __fmul_rn/__fadd_rn, which the compiler may not contract into an FMA;
  *  - a weight value: T(fl(code[c] * absmax)): one float32 product (__fmul_rn), then one

@@ -1,6 +1,6 @@
 /* Dequantize a packed 4-bit (NF4/FP4) weight to float32, float16 or bfloat16.
  *
- * Reference: qlora_engine/ops.py::ref_dequantize_4bit (-> nf4.dequantize_codes_4bit and, with double
+ * Reference: qlora_engine/quant/ops.py::ref_dequantize_4bit (-> nf4.dequantize_codes_4bit and, with double
  * quantization, nf4.dequantize_absmax). Must be BIT-EXACT with it.
  *
  * Layout: W flattened row-major, n = rows*cols elements; byte j holds element 2j (high nibble) and

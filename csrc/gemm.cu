@@ -1,8 +1,8 @@
 /* Large-M products with a packed 4-bit weight, fused: W tiles are dequantized into shared memory
  * and fed to the tensor cores, so the bf16 weight never exists in global memory.
  *
- *   forward   y[M, N]  = x[M, K]  . dequant(W)^T     reference: ops.py::ref_matmul_4bit
- *   backward  dx[M, K] = dy[M, N] . dequant(W)       reference: ops.py::ref_matmul_4bit_t
+ *   forward   y[M, N]  = x[M, K]  . dequant(W)^T     reference: quant/ops.py::ref_matmul_4bit
+ *   backward  dx[M, K] = dy[M, N] . dequant(W)       reference: quant/ops.py::ref_matmul_4bit_t
  *
  * One kernel for both: C[M, P] = A[M, R] . B[R, P] with the reduction R = K, P = N, B = W^T
  * (forward) or R = N, P = K, B = W (backward). A, C row-major bf16/fp16; fp32 accumulation; every

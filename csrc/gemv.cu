@@ -1,7 +1,7 @@
 /* Small-M products with a packed 4-bit weight (M = 1..16 rows: generation, tiny batches).
  *
- *   forward   y[M, N]  = x[M, K]  . dequant(W)^T     reference: ops.py::ref_matmul_4bit
- *   backward  dx[M, K] = dy[M, N] . dequant(W)       reference: ops.py::ref_matmul_4bit_t
+ *   forward   y[M, N]  = x[M, K]  . dequant(W)^T     reference: quant/ops.py::ref_matmul_4bit
+ *   backward  dx[M, K] = dy[M, N] . dequant(W)       reference: quant/ops.py::ref_matmul_4bit_t
  *
  * W [N, K] in bitsandbytes' layout (see dequant.cu). x, dy, y, dx: row-major, all bf16 or all fp16.
  * Every weight value is first rounded exactly as the spec does, T(fl(code[c] * absmax)), then

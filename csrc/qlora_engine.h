@@ -1,4 +1,4 @@
-/* The C ABI of libqlora_engine_cuda.so: what qlora_engine/_ext.py calls through ctypes.
+/* The C ABI of libqlora_engine_cuda.so: what qlora_engine/quant/cuda.py calls through ctypes.
  *
  * Plain C types only (raw device pointers, sizes, a cudaStream_t passed as an integer), so the
  * library never links against PyTorch and one build serves every torch version.
@@ -7,7 +7,7 @@
  * of the QE_ERR_* codes below; qe_error_string() turns any of them into text. QE_ERR_UNSUPPORTED
  * means "these inputs are not covered by this kernel": the caller falls back to the reference.
  *
- * The weight layout is bitsandbytes' (see qlora_engine/nf4.py, the spec): W [rows, cols] flattened
+ * The weight layout is bitsandbytes' (see qlora_engine/quant/nf4.py, the spec): W [rows, cols] flattened
  * row-major, cut into blocks of `blocksize` elements that may straddle rows, two 4-bit codes per
  * byte (element 2j in the high nibble of byte j, 2j+1 in the low nibble), one absmax per block.
  */
@@ -22,7 +22,7 @@ extern "C" {
 
 #define QE_EXPORT __attribute__((visibility("default")))
 
-/* Bump whenever a signature or the QeQuant layout changes; _ext.py refuses a mismatched build. */
+/* Bump whenever a signature or the QeQuant layout changes; quant/cuda.py refuses a mismatched build. */
 #define QE_ABI_VERSION 1
 
 enum { QE_F32 = 0, QE_F16 = 1, QE_BF16 = 2 };
@@ -33,7 +33,7 @@ enum {
   QE_ERR_ARG = 100002          /* inconsistent arguments (a bug in the caller) */
 };
 
-/* One packed 4-bit weight and its quantization state (ops.py's weight argument group). */
+/* One packed 4-bit weight and its quantization state (quant/ops.py's weight argument group). */
 typedef struct {
   const uint8_t* packed;       /* [(rows*cols+1)/2] */
   const void* absmax;          /* float32 [nblocks]; uint8 [nblocks] when nested_absmax != NULL */

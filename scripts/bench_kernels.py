@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import importlib.util
 import math
 import re
 import statistics
@@ -29,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qlora_engine.quant import cuda  # noqa: E402 - loads the library when it is built
+
 SHAPES = {  # (N, K) = (out_features, in_features) of the linears
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
@@ -39,16 +40,9 @@ M_VALUES = (1, 4, 16, 128, 512, 2048, 8192)
 ODD_SHAPES = [(33, 96), (100, 160), (48, 37), (1000, 1001), (31, 33), (130, 4096), (4097, 1024)]
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("_qe_csrc_build", ROOT / "csrc" / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def ensure_library():
     """Build for this GPU when needed (before qlora_engine loads it), then load; exits on failure."""
-    b = _builder()
+    b = cuda.builder()
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
     if b.is_stale(b.DEFAULT_OUT, arch):
@@ -57,11 +51,9 @@ def ensure_library():
         print(msg, flush=True)
         if not ok:
             sys.exit(1)
-    from qlora_engine import _ext, ops  # noqa: F401 - importing ops runs _ext.load()
-
-    if not _ext.load(retry=True):
-        sys.exit(f"bench_kernels: the CUDA library did not load: {_ext.status()['reason']}")
-    return _ext
+    if not cuda.load(retry=True):
+        sys.exit(f"bench_kernels: the CUDA library did not load: {cuda.status()['reason']}")
+    return cuda
 
 
 def _bnb():
@@ -115,11 +107,10 @@ def time_ms(fns, reps: int = 30, graph: bool = True) -> float:
 
 def ab(step, iters: int = 10, warmup: int = 3) -> dict:
     """End-to-end A/B: median ms of `step()` with the CUDA kernels on and off (the reference ops)."""
-    from qlora_engine import _ext
 
     out = {}
     for flag in (True, False):
-        with _ext.kernels(flag):
+        with cuda.kernels(flag):
             for _ in range(warmup):
                 step()
             torch.cuda.synchronize()
@@ -137,7 +128,7 @@ def ab(step, iters: int = 10, warmup: int = 3) -> dict:
 
 
 def make_weight(n, k, blocksize=64, seed=0, device="cuda"):
-    from qlora_engine import nf4
+    from qlora_engine.quant import nf4
 
     g = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(n, k, generator=g, device=device) * 0.02
@@ -149,9 +140,9 @@ def _rel(got, ref):
     return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_shape(_ext, n, k, ms, dtype=torch.bfloat16, blocksize=64) -> list[tuple[str, bool, str]]:
+def check_shape(n, k, ms, dtype=torch.bfloat16, blocksize=64) -> list[tuple[str, bool, str]]:
     """Every path against an fp32 reference, outputs poisoned with NaN first; dequantize bit-exact."""
-    from qlora_engine import ops
+    from qlora_engine.quant import ops
 
     res = []
     w = make_weight(n, k, blocksize, seed=n * 31 + k)
@@ -159,7 +150,7 @@ def check_shape(_ext, n, k, ms, dtype=torch.bfloat16, blocksize=64) -> list[tupl
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         ref = ops.REFERENCE["dequantize_4bit"](*w, [n, k], dt)
         out = torch.full((n, k), float("nan"), dtype=dt, device="cuda")
-        got = _ext.dequantize(*w, [n, k], dt, out=out)
+        got = cuda.dequantize(*w, [n, k], dt, out=out)
         ran = got.data_ptr() == out.data_ptr()
         same = torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
         detail = ("bit-exact" if same else "MISMATCH") + ("" if ran else " (the kernel did not run)")
@@ -170,10 +161,10 @@ def check_shape(_ext, n, k, ms, dtype=torch.bfloat16, blocksize=64) -> list[tupl
         x = torch.randn(m, k, device="cuda").to(dtype)
         dy = torch.randn(m, n, device="cuda").to(dtype)
         ref_y, ref_dx = x.float() @ wd.t(), dy.float() @ wd
-        for path in (["gemv"] if m <= _ext.GEMV_MAX_M else []) + ["fused", None]:
+        for path in (["gemv"] if m <= cuda.GEMV_MAX_M else []) + ["fused", None]:
             for name, fn, a, ref, shape in (
-                ("fwd", _ext.matmul, x, ref_y, (m, n)),
-                ("bwd", _ext.matmul_t, dy, ref_dx, (m, k)),
+                ("fwd", cuda.matmul, x, ref_y, (m, n)),
+                ("bwd", cuda.matmul_t, dy, ref_dx, (m, k)),
             ):
                 out = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
                 got = fn(a, *w, n, k, path=path, out=out if path else None)
@@ -186,14 +177,14 @@ def check_shape(_ext, n, k, ms, dtype=torch.bfloat16, blocksize=64) -> list[tupl
     return res
 
 
-def run_check(_ext, shapes, ms, verbose=False) -> bool:
+def run_check(shapes, ms, verbose=False) -> bool:
     rows = []
     for n, k in shapes:
-        rows += check_shape(_ext, n, k, ms)
-        rows += check_shape(_ext, n, k, [3], dtype=torch.float16) if (n, k) == shapes[0] else []
+        rows += check_shape(n, k, ms)
+        rows += check_shape(n, k, [3], dtype=torch.float16) if (n, k) == shapes[0] else []
     for n, k in ODD_SHAPES:
-        rows += check_shape(_ext, n, k, [1, 9, 100])
-    rows += check_shape(_ext, 96, 256, [5, 40], blocksize=32) + check_shape(_ext, 96, 4096, [5, 40], blocksize=4096)
+        rows += check_shape(n, k, [1, 9, 100])
+    rows += check_shape(96, 256, [5, 40], blocksize=32) + check_shape(96, 4096, [5, 40], blocksize=4096)
     bad = [r for r in rows if not r[1]]
     for label, ok, detail in rows if verbose else bad:
         print(f"{'ok  ' if ok else 'FAIL'} {label}: {detail}")
@@ -207,7 +198,7 @@ def run_check(_ext, shapes, ms, verbose=False) -> bool:
 
 def prepare(n, k, l2_bytes, bnbF) -> dict:
     """Weight copies for one shape, enough of each kind to overflow the L2 when rotated through."""
-    from qlora_engine import ops
+    from qlora_engine.quant import ops
 
     copies = max(1, min(128, math.ceil(3 * l2_bytes / (n * k // 2))))
     ws = [make_weight(n, k, seed=i) for i in range(copies)]
@@ -220,17 +211,17 @@ def prepare(n, k, l2_bytes, bnbF) -> dict:
     return {"ws": ws, "wbs": wbs, "qs": qs}
 
 
-def bench_config(_ext, bnb, bnbF, prep, n, k, m, direction, reps) -> dict:
-    from qlora_engine import ops
+def bench_config(bnb, bnbF, prep, n, k, m, direction, reps) -> dict:
+    from qlora_engine.quant import ops
 
     dtype = torch.bfloat16
     ws, wbs, qs = prep["ws"], prep["wbs"], prep["qs"]
     fwd = direction == "fwd"
     a = torch.randn(m, k if fwd else n, device="cuda").to(dtype)
     op = ops.matmul_4bit if fwd else ops.matmul_4bit_t
-    row = {"ours": time_ms([lambda w=w: op(a, *w, n, k) for w in ws], reps), "path": _ext.choose_path(m)}
-    if m > _ext.GEMV_MAX_M:
-        f = _ext.matmul if fwd else _ext.matmul_t
+    row = {"ours": time_ms([lambda w=w: op(a, *w, n, k) for w in ws], reps), "path": cuda.choose_path(m)}
+    if m > cuda.GEMV_MAX_M:
+        f = cuda.matmul if fwd else cuda.matmul_t
         row["fused"] = time_ms([lambda w=w: f(a, *w, n, k, path="fused") for w in ws], reps)
     row["cublas"] = time_ms([(lambda w=w: a @ w.t()) if fwd else (lambda w=w: a @ w) for w in wbs], reps)
     if qs:
@@ -242,7 +233,7 @@ def bench_config(_ext, bnb, bnbF, prep, n, k, m, direction, reps) -> dict:
 
 
 def bench_dequant(ws, n, k, reps):
-    from qlora_engine import ops
+    from qlora_engine.quant import ops
 
     ms = time_ms([lambda w=w: ops.dequantize_4bit(*w, [n, k], torch.bfloat16) for w in ws], reps)
     gbs = (n * k * 2.5 + n * k / 64) / ms / 1e6  # packed read + bf16 write (+ absmax)
@@ -287,7 +278,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device here (torch.cuda.is_available() is False); nothing to check or time.")
         return 0
-    _ext = ensure_library()
+    ensure_library()
     models = [s for s in args.shapes.split(",") if s]
     shapes = list(dict.fromkeys(nk for s in models for nk in SHAPES[s]))
     ms = [int(v) for v in args.m.split(",") if v]
@@ -298,7 +289,7 @@ def main(argv=None) -> int:
     print(
         f"{gpu}: {props.multi_processor_count} SMs, L2 {l2 >> 20} MB; torch {torch.__version__}, CUDA {torch.version.cuda}"
     )
-    print(f"library: {_ext.status()['path']}")
+    print(f"library: {cuda.status()['path']}")
 
     if args.e2e:
         mod, fn = args.e2e.split(":")
@@ -306,10 +297,10 @@ def main(argv=None) -> int:
         print(f"e2e {args.e2e}: kernels on {res['on']:.2f} ms, off {res['off']:.2f} ms ({res['off'] / res['on']:.2f}x)")
         return 0
     if args.check:
-        return 0 if run_check(_ext, shapes, [1, 5, 16, 100, 512], args.verbose) else 1
+        return 0 if run_check(shapes, [1, 5, 16, 100, 512], args.verbose) else 1
     checked = "skipped (--quick)"
     if not args.quick:
-        ok = run_check(_ext, shapes[:2], [1, 16, 300], args.verbose)
+        ok = run_check(shapes[:2], [1, 16, 300], args.verbose)
         checked = "passed" if ok else "FAILED"
         if not ok:
             print("correctness check failed: not timing")
@@ -325,7 +316,7 @@ def main(argv=None) -> int:
         for m in ms:
             for d in dirs:
                 model = next(s for s in models if (n, k) in SHAPES[s])
-                r = bench_config(_ext, bnb, bnbF, prep, n, k, m, d, reps)
+                r = bench_config(bnb, bnbF, prep, n, k, m, d, reps)
                 r.update(model=model, n=n, k=k, m=m, dir=d)
                 rows.append(r)
                 print(f"{model} {n}x{k} M={m} {d}: ours {fmt_ms(r['ours'])} ({r['path']}), cuBLAS {fmt_ms(r['cublas'])}, "

@@ -6,7 +6,8 @@
 
 Each system runs in its own subprocess (so peak memory is its own) on the same packed rows of the
 bundled demo data, LoRA on every linear layer (dropout 0.05), bf16, AdamW (paged 8-bit on CUDA):
-- ours: the engine's loop pieces (NF4 base, fused LoRA autograd, varlen attention, chunked loss);
+- ours: the engine's training recipe (`qlora_engine.Recipe`: NF4 base, fused LoRA autograd, varlen
+  attention, chunked loss), stepped with `Recipe.train_step`;
 - peft: the standard recipe, `prepare_model_for_kbit_training` + `get_peft_model` + `model(labels=)`;
 - peft-no-upcast: the same without `prepare_model_for_kbit_training` (no fp32 copies of the
   16-bit parameters), the faster variant some users run.
@@ -23,19 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 SYSTEMS = ("ours", "peft", "peft-no-upcast")
 
 
 def batches(tok, seq: int, batch: int, n: int):
-    from qlora_engine import config, data
+    from qlora_engine import RunConfig
+    from qlora_engine.train import data
 
-    cfg = config.from_dict({"data": "demo", "seq_len": seq})
+    cfg = RunConfig.make(data="demo", seq_len=seq)
     rows = data.make_rows(data.prepare(cfg, tok).train.samples, seq, packing=True)
     rows = sorted(rows, key=lambda r: -len(r.ids))  # the fullest rows, the same for every system
     out = []
@@ -49,42 +51,33 @@ def run_one(system: str, a) -> dict:
     import torch
 
     torch.manual_seed(0)
-    from transformers import AutoTokenizer
+    from qlora_engine import load_tokenizer, machine, resolve_model
 
-    from qlora_engine import default_model
-
-    model_dir = default_model.resolve(a.model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model_dir = resolve_model(a.model)
+    tok = load_tokenizer(model_dir)
     device = torch.device(a.device)
     data = batches(tok, a.seq, a.batch, a.warmup + a.steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base_rss = _rss()
+    machine.reset_peak_rss()
+    base_rss = machine.rss()
 
     if system.startswith("ours"):
-        from qlora_engine import config, lora, optim, recompute, train
-        from qlora_engine.loss import causal_lm_loss
+        from qlora_engine import Recipe, RunConfig
 
         if system == "ours-nokernels":
-            from qlora_engine import _ext
+            from qlora_engine.quant import cuda
 
-            _ext.set_enabled(False)
-        cfg = config.from_dict({"model": str(model_dir), "lora_r": a.rank, "lora_alpha": 2 * a.rank, "lora_dropout": 0.05,
-                                "device": a.device, "seed": 0})  # fmt: skip
-        model, _, _ = train.build_model(cfg, device)
-        if a.checkpointing:
-            recompute.enable(model)
-        params = [p for _, p in lora.trainable_parameters(model)]
-        opt, _ = optim.build(params, "auto", 2e-4, 0.0, device)
-        model.train()
+            cuda.set_enabled(False)
+        cfg = RunConfig.make(model=str(model_dir), lora_r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
+                             device=a.device, seed=0, seq_len=a.seq, batch_size=a.batch, lr=2e-4, max_grad_norm=0,
+                             gradient_checkpointing=a.checkpointing, output_dir=tempfile.mkdtemp(), max_steps=len(data))  # fmt: skip
+        recipe = Recipe(cfg, train_data=[{"text": "unused"}] * 2, eval_data=[{"text": "unused"}], out=lambda s: None)
+        recipe.setup()
+        recipe.model.train()
 
         def step(b):
-            with train._autocast(device):
-                loss, _ = causal_lm_loss(model, b)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss)
+            return recipe.train_step([b])["loss"]
     else:
         import peft
         import transformers
@@ -131,30 +124,9 @@ def run_one(system: str, a) -> dict:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(b["input_ids"].numel())
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _hwm() - base_rss
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else machine.peak_rss() - base_rss
     tps = statistics.median(n / t for n, t in zip(tokens, times))
     return {"system": system, "tokens_per_s": tps, "step_s": statistics.median(times), "peak_bytes": peak}
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    if os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak mark: count only what happens from here
-    return _status("VmRSS:")
-
-
-def _hwm() -> int:
-    from qlora_engine.sizes import peak_rss
-
-    return peak_rss()
 
 
 def _without_write(args: list[str]) -> list[str]:
@@ -167,15 +139,6 @@ def _without_write(args: list[str]) -> list[str]:
         elif not x.startswith("--write="):
             out.append(x)
     return out
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -207,11 +170,13 @@ def main() -> None:
             continue
         results.append(json.loads(line[-1][7:]))
         print(f"  {s}: {results[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    from qlora_engine.machine import describe
+
     ours = next((r for r in results if r["system"] == "ours"), None)
     cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     lines = [f"Training step, {a.model}, seq {a.seq}, batch {a.batch}, LoRA r={a.rank} on all linear layers, "
              f"checkpointing {'on' if a.checkpointing else 'off'}, {a.steps} timed steps after {a.warmup} warm-up",
-             f"machine: {machine(a.device)}; torch {__import__('torch').__version__}", f"command: `{cmd}`", "",
+             f"machine: {describe(a.device)}; torch {__import__('torch').__version__}", f"command: `{cmd}`", "",
              "| system | tokens/s | step (s) | peak memory (MiB) | ours / system: speed | memory |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours else "-"
@@ -219,7 +184,7 @@ def main() -> None:
         lines.append(f"| {r['system']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {speed} | {mem} |")
     print("\n".join(lines))
     if a.write:
-        from qlora_engine.tensorfiles import write_text_atomic
+        from qlora_engine.models.tensorfiles import write_text_atomic
 
         write_text_atomic(a.write, "\n".join(lines) + "\n")
 

@@ -58,11 +58,9 @@ def main() -> None:
     ap.add_argument("--write", default=None, help="also write the result as markdown here")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import platform
-
     import torch
 
-    from qlora_engine import config, train
+    from qlora_engine import RunConfig, finetune, machine
 
     tmp = Path(tempfile.mkdtemp(prefix="qlora-vs-bf16-"))
     if a.task == "demo":
@@ -73,16 +71,16 @@ def main() -> None:
                 "lr": a.lr or 2e-4, "batch_size": 2, "eval_every": 10}  # fmt: skip
     runs = {}
     for base in ("nf4", "bf16"):
-        cfg = config.from_dict({"model": a.model, "base": base, "output_dir": str(tmp / base), "seq_len": 512, "lora_r": a.rank,
+        cfg = RunConfig.make(**{"model": a.model, "base": base, "output_dir": str(tmp / base), "seq_len": 512, "lora_r": a.rank,
                                 "lora_alpha": 2 * a.rank, "lora_dropout": 0.05, "seed": a.seed, "warmup": 0.1, **task})  # fmt: skip
         print(f"--- {base} base ---", file=sys.stderr, flush=True)
-        r = train.train(cfg, out=lambda s: print(s, file=sys.stderr, flush=True))
+        r = finetune(cfg, out=lambda s: print(s, file=sys.stderr, flush=True))
         curve = [json.loads(l) for l in (tmp / base / "metrics.jsonl").read_text().splitlines()]
         runs[base] = {"before": r.eval_before["eval_loss"], "after": r.eval_after["eval_loss"],
                       "curve": {c["step"]: c["eval_loss"] for c in curve if "eval_loss" in c}}  # fmt: skip
     nf, bf = runs["nf4"], runs["bf16"]
     gap = (nf["after"] - bf["after"]) / bf["after"]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    cpu = machine.describe("cpu")
     lines = [f"QLoRA (NF4+DQ base) vs LoRA (bf16 base), {a.model}, task {a.task}: {json.dumps(task)}",
              f"LoRA r={a.rank} alpha={2 * a.rank} dropout=0.05 on all linear layers, seq 512, seed {a.seed}; machine: {cpu}; torch {torch.__version__}",
              f"command: `python {' '.join(sys.argv)}`", "",
@@ -94,7 +92,7 @@ def main() -> None:
               f"({'within' if abs(gap) <= 0.02 else 'OUTSIDE'} 2%)"]  # fmt: skip
     print("\n".join(lines))
     if a.write:
-        from qlora_engine.tensorfiles import write_text_atomic
+        from qlora_engine.models.tensorfiles import write_text_atomic
 
         write_text_atomic(a.write, "\n".join(lines) + "\n")
 

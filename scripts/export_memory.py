@@ -3,7 +3,7 @@
     python scripts/export_memory.py                      # cached SmolLM2-135M-Instruct + a synthetic adapter
     python scripts/export_memory.py --model DIR --adapter DIR [--dtype fp16] [--max-shard-size 500MB]
 
-The export runs in a subprocess whose peak resident set is measured (`sizes.child_peak_rss`, VmHWM); a
+The export runs in a subprocess whose peak resident set is measured (`machine.child_peak_rss`, VmHWM); a
 second subprocess does everything but the tensors (imports, config, the empty model on the meta
 device) and gives the baseline. The export streams
 tensor by tensor, so its growth over the baseline should be about the largest tensor plus buffers,
@@ -23,17 +23,18 @@ from pathlib import Path
 
 CHILD = r"""
 import sys
-from qlora_engine import export, loader
+from qlora_engine.cli import main
+from qlora_engine.models import hub, loader
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "baseline":
-    loader.empty_model(loader.load_config(args[args.index("--model") + 1]), export.TRAIN_DTYPE)
-elif export.main(args) != 0:
+    loader.empty_model(hub.load_config(args[args.index("--model") + 1]), loader.BASE_DTYPE)
+elif main(["export", *args]) != 0:
     sys.exit(1)
 """
 
 
 def peak_rss(mode: str, export_args: list[str]) -> tuple[int, float]:
-    from qlora_engine.sizes import child_peak_rss
+    from qlora_engine.machine import child_peak_rss
 
     t0 = time.perf_counter()
     try:
@@ -47,36 +48,29 @@ def synthetic_adapter(model_dir: Path, out: Path, r: int) -> Path:
     """LoRA rank r on every decoder-block linear with random nonzero B, saved as training saves it."""
     import torch
 
-    from qlora_engine import loader, lora
+    from qlora_engine import add_lora, load_model, save_adapter
+    from qlora_engine.lora import lora_layers
 
-    model = loader.load_model(model_dir)
-    lora.add_lora(model, r, 2.0 * r, seed=0)
+    model = load_model(model_dir)
+    add_lora(model, r, 2.0 * r, seed=0)
     with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
+        for layer in lora_layers(model).values():
             layer.lora_B.normal_(0, 0.01)
     extra = {"base": "nf4", "blocksize": 64, "quant_type": "nf4", "double_quant": True, "data": "synthetic"}
-    return lora.save_adapter(model, out, str(model_dir), extra=extra)
+    return save_adapter(model, out, str(model_dir), extra=extra)
 
 
 def weight_bytes(model_dir: Path) -> int:
-    from qlora_engine.tensorfiles import checkpoint_files
+    from qlora_engine.models.tensorfiles import checkpoint_files
 
     return sum(p.stat().st_size for p in checkpoint_files(model_dir))
 
 
 def largest_tensor(model_dir: Path) -> tuple[str, int]:
-    from qlora_engine.tensorfiles import list_tensors
+    from qlora_engine.models.tensorfiles import list_tensors
 
     e = max(list_tensors(model_dir).values(), key=lambda e: e.nbytes)
     return e.name, e.nbytes
-
-
-def machine() -> str:
-    mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal:")), "0") if os.path.exists("/proc/meminfo") else "0"
-    import torch
-
-    return (f"{platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
-            f"{int(mem) / 2**20:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
 
 
 def main() -> None:
@@ -90,10 +84,12 @@ def main() -> None:
     if not os.path.exists("/proc/self/status"):
         sys.exit("error: needs Linux /proc to read the peak resident set")
 
-    from qlora_engine import default_model
-    from qlora_engine.sizes import fmt_bytes
+    import torch
 
-    model_dir = default_model.resolve(a.model) if a.model else default_model.ensure()
+    from qlora_engine import resolve_model
+    from qlora_engine.machine import describe, fmt_bytes
+
+    model_dir = resolve_model(a.model or "SmolLM2-135M-Instruct")
     with tempfile.TemporaryDirectory(prefix="export-memory-") as tmp:
         tmp = Path(tmp)
         adapter = Path(a.adapter) if a.adapter else synthetic_adapter(model_dir, tmp / "adapter", a.rank)
@@ -113,7 +109,7 @@ def main() -> None:
     print(f"export: {seconds:.1f} s wall (with interpreter start); baseline = imports + config + empty model, no tensors")
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"export run: python -m qlora_engine.export {shlex.join(args)}")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe('cpu')}, Python {platform.python_version()}, torch {torch.__version__}")
 
 
 if __name__ == "__main__":

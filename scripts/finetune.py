@@ -2,15 +2,16 @@
 
     python scripts/finetune.py                            # the demo (qlora_engine/data/demo.yaml)
     python scripts/finetune.py --config my.yaml [--key value ...]
-    python scripts/finetune.py --model DIR --data train.jsonl --output_dir runs/x --max_steps 500
+    python scripts/finetune.py --model DIR --data train.jsonl --output-dir runs/x --max-steps 500
 
-Every config key is also a flag; flags override the file. `--dry_run` shows two rendered samples
-with the trained-on tokens marked; `--resume` continues from the newest checkpoint.
+The same as `qlora finetune ...`: every run key is also a flag; flags override the file.
+`--dry-run` shows two rendered samples with the trained-on tokens marked; `--resume` continues
+from the newest checkpoint.
 """
 
 import sys
 
-from qlora_engine.cli import finetune_main
+from qlora_engine.cli import main
 
 if __name__ == "__main__":
-    sys.exit(finetune_main(sys.argv[1:]))
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -3,7 +3,7 @@
     python scripts/get_test_model.py
 """
 
-from qlora_engine import default_model
+from qlora_engine.models import default_model
 
 if __name__ == "__main__":
     print(default_model.ensure())

@@ -53,7 +53,7 @@ if want env; then
 fi
 if want ext; then
   # The carried library (built on the dev machine) first; rebuild here for sm_90 when it does not load.
-  if ! $PY -c 'from qlora_engine import _ext, ext; import sys; sys.exit(0 if _ext.load() else 1)'; then
+  if ! $PY -c 'from qlora_engine.quant import cuda; import sys; sys.exit(0 if cuda.load() else 1)'; then
     stage build 300 $PY csrc/build.py --arch 90
   fi
   stage ext 120 $PY -m qlora_engine.ext --check
@@ -71,8 +71,8 @@ fi
 want train && stage train ${TRAIN_LIMIT:-540} $PY scripts/bench_train.py --device cuda --model "$MODEL" --seq "${BENCH_SEQ:-2048}" \
   --batch "${BENCH_BATCH:-2}" --rank 16 --steps "${BENCH_STEPS:-10}" --warmup 3 --checkpointing \
   --systems ours,ours-nokernels,peft --write "$RESULTS/train-cuda.md"
-want finetune && stage finetune ${FINETUNE_LIMIT:-300} $PY scripts/finetune.py --model "$MODEL" --device cuda --max_steps 6 \
-  --seq_len 1024 --batch_size 2 --eval_every 3 --save_every 3 --output_dir /tmp/ft-run --sample_max_new_tokens 8
+want finetune && stage finetune ${FINETUNE_LIMIT:-300} $PY scripts/finetune.py --model "$MODEL" --device cuda --max-steps 6 \
+  --seq-len 1024 --batch-size 2 --eval-every 3 --save-every 3 --output-dir /tmp/ft-run --sample-max-new-tokens 8
 want plan && stage plan ${PLAN_LIMIT:-540} $PY scripts/validate_plan.py --gpu --cases "${PLAN_CASES:-0,1,4}" --workdir /tmp/plan-ckpts \
   --out "$RESULTS/plan-validation.md"
 

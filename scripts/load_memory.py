@@ -5,7 +5,7 @@ quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`, same checkpoin
     python scripts/load_memory.py                  # the cached SmolLM2-135M-Instruct (bf16)
     python scripts/load_memory.py --model DIR
 
-Each load runs in its own subprocess (`sizes.child_peak_rss`: peak resident set, VmHWM); a third subprocess
+Each load runs in its own subprocess (`machine.child_peak_rss`: peak resident set, VmHWM); a third subprocess
 imports torch, transformers, bitsandbytes and this package and builds the empty (meta) model: the
 baseline both are measured against.
 """
@@ -22,10 +22,10 @@ CHILD = r"""
 import sys, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers, bitsandbytes
-from qlora_engine import loader
+from qlora_engine.models import hub, loader
 mode, path = sys.argv[1], sys.argv[2]
 if mode == "baseline":
-    loader.empty_model(loader.load_config(path), torch.bfloat16)
+    loader.empty_model(hub.load_config(path), torch.bfloat16)
 elif mode == "engine":
     loader.load_model(path)
 else:
@@ -37,7 +37,7 @@ else:
 
 
 def peak(mode: str, model: Path) -> int:
-    from qlora_engine.sizes import child_peak_rss
+    from qlora_engine.machine import child_peak_rss
 
     try:
         return child_peak_rss(CHILD, [mode, model], {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="bf16 checkpoint dir (default: the cached SmolLM2-135M-Instruct)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from qlora_engine import default_model
+    from qlora_engine import resolve_model
 
-    model = default_model.resolve(a.model) if a.model else default_model.ensure()
+    model = resolve_model(a.model or "SmolLM2-135M-Instruct")
     size = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
     base = peak("baseline", model)
     rows = [(name, peak(mode, model) - base) for name, mode in

@@ -21,34 +21,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from qlora_engine import presets, tensorfiles  # noqa: E402
+from qlora_engine.errors import QloraError  # noqa: E402
+from qlora_engine.models.synthetic import random_checkpoint  # noqa: E402
+from qlora_engine.plan.presets import preset_config  # noqa: E402
 
 
 def make(preset: str, layers: int | None, tokenizer: Path, out: Path, force: bool = False) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    cfg = presets.preset_config(preset)
+    cfg = preset_config(preset)
     if layers:
         cfg["num_hidden_layers"] = layers
     cfg["vocab_size"] = max(len(AutoTokenizer.from_pretrained(tokenizer)), 8)
-    model_type = cfg.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.02, generator=gen)
-            else:
-                p.fill_(float("norm" in name))
-    with tensorfiles.atomic_directory(out, force=force) as tmp:
-        model.save_pretrained(tmp)
-        tensorfiles.copy_side_files(tokenizer, tmp)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out}: {preset} shapes, {hf_config.num_hidden_layers} layers, vocab {hf_config.vocab_size}, "
-          f"{n / 1e9:.2f}B parameters")
+    random_checkpoint(out, cfg, std=0.02, tokenizer=tokenizer, device=device, force=force)
+    print(f"wrote {out}: {preset} shapes, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}")
     return out
 
 
@@ -62,7 +49,7 @@ def main() -> None:
     a = ap.parse_args()
     try:
         make(a.preset, a.layers, a.tokenizer, a.out, a.force)
-    except (presets.ShapeError, FileExistsError, OSError) as e:
+    except (QloraError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

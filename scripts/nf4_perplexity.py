@@ -27,10 +27,10 @@ def main() -> None:
 
     import transformers
 
-    from qlora_engine import default_model, loader
-    from qlora_engine.perplexity import perplexity, token_windows
+    from qlora_engine import load_model, resolve_model
+    from qlora_engine.train.evaluate import perplexity, token_windows
 
-    model_dir = Path(a.model) if a.model else default_model.ensure()
+    model_dir = resolve_model(a.model or "SmolLM2-135M-Instruct")
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     windows = token_windows(tok, Path(a.text).read_text(), a.window, a.max_windows)
     bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -45,12 +45,12 @@ def main() -> None:
         return model
 
     run("bf16 (transformers)", lambda: transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
-    run("NF4+DQ engine (quantized by the engine)", lambda: loader.load_model(model_dir))
+    run("NF4+DQ engine (quantized by the engine)", lambda: load_model(model_dir))
     bnb = run("NF4+DQ transformers + bitsandbytes", lambda: transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=bnb_cfg, dtype=torch.bfloat16, device_map="cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         bnb.save_pretrained(tmp)
-        run("NF4+DQ engine (loading bitsandbytes' 4-bit bytes)", lambda: loader.load_model(tmp))
+        run("NF4+DQ engine (loading bitsandbytes' 4-bit bytes)", lambda: load_model(tmp))
 
     print(f"\n{model_dir.name} on {a.text}: {windows.shape[0]} windows x {a.window} tokens, torch {torch.__version__}")
     print(f"| model | perplexity | mean NLL | seconds |\n|---|---|---|---|")

@@ -27,8 +27,8 @@ CASE=$(mktemp --suffix=.py)
 trap 'rm -f "$CASE"' EXIT
 cat > "$CASE" <<'PY'
 import torch
-from qlora_engine import _ext, nf4, ops
-assert _ext.load(retry=True), _ext.status()["reason"]
+from qlora_engine.quant import cuda, nf4, ops
+assert cuda.load(retry=True), cuda.status()["reason"]
 
 def weight(n, k, bs=64):
     p, st = nf4.quantize_4bit(torch.randn(n, k, device="cuda") * 0.05, blocksize=bs)
@@ -37,18 +37,18 @@ def weight(n, k, bs=64):
 bf = torch.bfloat16
 for n, k in ((96, 256), (33, 37), (130, 4096)):       # fast paths; odd (generic) shapes; split backward
     w = weight(n, k)
-    _ext.dequantize(*w, [n, k], bf)
-    _ext.dequantize(*w, [n, k], torch.float32)
+    cuda.dequantize(*w, [n, k], bf)
+    cuda.dequantize(*w, [n, k], torch.float32)
     for m in (1, 12):                                  # one and two n8 tiles
-        _ext.matmul(torch.randn(m, k, device="cuda", dtype=bf), *w, n, k, path="gemv")
-        _ext.matmul_t(torch.randn(m, n, device="cuda", dtype=bf), *w, n, k, path="gemv")
+        cuda.matmul(torch.randn(m, k, device="cuda", dtype=bf), *w, n, k, path="gemv")
+        cuda.matmul_t(torch.randn(m, n, device="cuda", dtype=bf), *w, n, k, path="gemv")
     for m in (20, 130):                                # fused, partial tiles
-        _ext.matmul(torch.randn(m, k, device="cuda", dtype=bf), *w, n, k, path="fused")
-        _ext.matmul_t(torch.randn(m, n, device="cuda", dtype=bf), *w, n, k, path="fused")
+        cuda.matmul(torch.randn(m, k, device="cuda", dtype=bf), *w, n, k, path="fused")
+        cuda.matmul_t(torch.randn(m, n, device="cuda", dtype=bf), *w, n, k, path="fused")
 w = weight(64, 64)
 shifted = torch.empty(w[0].numel() + 1, dtype=torch.uint8, device="cuda")[1:]
 shifted.copy_(w[0].view(-1))
-_ext.dequantize(shifted, *w[1:], [64, 64], bf)        # unaligned: scalar kernel
+cuda.dequantize(shifted, *w[1:], [64, 64], bf)        # unaligned: scalar kernel
 torch.cuda.synchronize()
 print("sanitize case done")
 PY

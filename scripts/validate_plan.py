@@ -4,8 +4,8 @@
     python scripts/validate_plan.py --gpu      # CUDA: random-weight 1B-13B-shaped checkpoints
     python scripts/validate_plan.py --gpu --cases 0,1,2 --workdir /scratch/ckpts   # a part, keeping the checkpoints
 
-Each case builds the model and steps it the way train.py does (`train.build_model`,
-`recompute.enable`, `optim.build`, `loss.causal_lm_loss`, backward, clip, step) and measures:
+Each case sets up the training recipe itself (`qlora_engine.Recipe`: model, LoRA, recompute,
+optimizer) and steps it as the recipe does (`causal_lm_loss`, backward, clip, step) and measures:
 parameter bytes (NF4 buffers, 16-bit tensors, LoRA), gradient bytes after backward, optimizer state
 after a step, the tensors autograd saves for backward (a `saved_tensors_hooks` tracker, deduplicated
 by storage, parameters excluded: the live total at the end of the forward, split at the final norm,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,10 +35,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from qlora_engine import config, data, default_model, lora, optim, plan, presets, recompute, train  # noqa: E402
-from qlora_engine.linear import NF4Linear  # noqa: E402
-from qlora_engine.loss import _ChunkedCrossEntropy  # noqa: E402
-from qlora_engine.sizes import fmt_bytes  # noqa: E402
+from qlora_engine import Recipe, RunConfig, machine  # noqa: E402
+from qlora_engine.models import default_model  # noqa: E402
+from qlora_engine.models.loader import QuantSpec  # noqa: E402
+from qlora_engine.models.synthetic import random_checkpoint  # noqa: E402
+from qlora_engine.plan import memory, presets, shapes  # noqa: E402
+from qlora_engine.quant.linear import NF4Linear  # noqa: E402
+from qlora_engine.train import data  # noqa: E402
+from qlora_engine.train.evaluate import autocast  # noqa: E402
+from qlora_engine.train.loss import ChunkedCrossEntropy, causal_lm_loss  # noqa: E402
 
 TOLERANCE = 0.05
 # The architectures of tests/conftest.py's tiny checkpoints (widened so that per-token terms are not
@@ -113,75 +117,20 @@ GPU_CASES = [
 # checkpoints
 
 
-def write_tokenizer(d: Path) -> None:
-    """A minimal word-level tokenizer: build_model loads one, the step never tokenizes."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "</s>": 2}, unk_token="<unk>"))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-    fast.save_pretrained(d)
-
-
 def tiny_checkpoint(root: Path, arch: str) -> Path:
     """A random bf16 checkpoint of a TINY config (the loader quantizes it, as for a real model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     d = root / f"tiny-{arch}"
     if not (d / "config.json").exists():
-        kw = dict(TINY[arch])
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw), dtype=torch.bfloat16)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.05)
-        model.save_pretrained(d)
-        write_tokenizer(d)
+        random_checkpoint(d, TINY[arch], std=0.05, tokenizer="word-level")
     return d
 
 
 def random_nf4_checkpoint(root: Path, name: str, device: str) -> Path:
     """A random-weight checkpoint of a preset, saved already in 4 bits (bnb keys) so that even 13B
-    shapes are written and loaded quickly; `loader.load_model` reads it as a pre-quantized model."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qlora_engine import nf4
-    from qlora_engine.loader import block_linear_names
-    from qlora_engine.tensorfiles import save_tensors
-
+    shapes are written and loaded quickly; the loader reads it as a pre-quantized model."""
     d = root / f"random-{name}"
-    if (d / "config.json").exists():
-        return d
-    cfg_dict = presets.preset_config(name)
-    kw = {k: v for k, v in cfg_dict.items() if k != "model_type"}
-    hf_config = AutoConfig.for_model(cfg_dict["model_type"], **kw)
-    with init_empty_weights(include_buffers=False):
-        meta = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    linears = set(block_linear_names(meta))
-    gen = torch.Generator(device=device).manual_seed(0)
-    items = []
-    head = meta.get_output_embeddings().weight
-    tied = {n for n, p in meta.named_parameters() if hf_config.tie_word_embeddings and p is head}
-    for pname, p in meta.named_parameters():
-        if pname in tied:
-            continue  # the loader ties lm_head to the embedding
-        owner = pname.rsplit(".", 1)[0]
-        if pname.endswith(".weight") and owner in linears:
-            w = torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=gen)
-            packed, state = nf4.quantize_4bit(w, 64, "nf4", True)
-            items.append((pname, packed.cpu()))
-            items += [(f"{owner}.{k}", v.cpu()) for k, v in state.state_dict("weight").items()]
-        elif p.dim() >= 2:
-            w = torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=gen)
-            items.append((pname, w.cpu()))
-        else:  # norms 1, biases 0
-            items.append((pname, torch.full(p.shape, float("norm" in pname), dtype=torch.bfloat16)))
-    d.mkdir(parents=True, exist_ok=True)
-    save_tensors(d, items)
-    hf_config.save_pretrained(d)
-    write_tokenizer(d)
+    if not (d / "config.json").exists():
+        random_checkpoint(d, presets.preset_config(name), quant=QuantSpec(), tokenizer="word-level", device=device)
     return d
 
 
@@ -315,28 +264,27 @@ def make_batch(seq: int, batch: int, packing: bool, vocab: int, seed: int) -> di
     return data.collate(rows, pad_id=1)
 
 
-def measure(case: Case, root: Path, device: torch.device, profile_step: bool = True) -> tuple[dict, plan.Plan]:
-    """Build, step twice (the first step creates the optimizer state), measure the second step.
+TOKENS = [{"input_ids": [3, 4, 5, 6]}] * 4  # the recipe's data; the measured steps use make_batch's full rows
+
+
+def measure(case: Case, root: Path, device: torch.device, profile_step: bool = True) -> tuple[dict, memory.Plan]:
+    """Set up the recipe, step twice (the first step creates the optimizer state), measure the second.
     `profile_step=False` skips the CPU profiler (the whole-step peak), which is slow on a real model."""
     d = model_dir(case, root, device.type)
-    cfg = config.from_dict(dict(model=str(d), lora_r=case.rank, lora_alpha=2 * case.rank, lora_dropout=case.dropout,
-                                seq_len=case.seq, batch_size=case.batch, packing=case.packing, loss_chunk=case.chunk,
-                                gradient_checkpointing=case.checkpointing, offload_activations=case.offload,
-                                optim=case.optim, lora_dtype=case.lora_dtype, device=device.type))  # fmt: skip
-    train.set_seed(0)
-    model, _, _ = train.build_model(cfg, device)
-    if case.checkpointing:
-        recompute.enable(model, offload=case.offload)
-    params = [p for _, p in lora.trainable_parameters(model)]
-    name = optim.resolve(cfg.optim, device)
+    cfg = RunConfig.make(model=str(d), lora_r=case.rank, lora_alpha=2 * case.rank, lora_dropout=case.dropout,
+                         seq_len=case.seq, batch_size=case.batch, packing=case.packing, loss_chunk=case.chunk,
+                         gradient_checkpointing=case.checkpointing, offload_activations=case.offload,
+                         optim=case.optim, lora_dtype=case.lora_dtype, device=device.type, lr=1e-4, seed=0,
+                         output_dir=str(root / "run"))  # fmt: skip
+    rec = Recipe(cfg, train_data=TOKENS, eval_data=TOKENS, out=lambda s: None).setup()
+    model, params, opt = rec.model, rec.params, rec.optimizer
+    name = memory.knobs_from(cfg, device.type).optim
     if case.optim.startswith("paged") and device.type == "cpu":  # the class CUDA would get; on the CPU it does not page
         import bitsandbytes as bnb
 
         name = case.optim
         cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
         opt = cls(params, lr=1e-4)
-    else:
-        opt, name = optim.build(params, cfg.optim, 1e-4, 0.0, device)
     model.train()
     m: dict[str, int] = {}
     nf4_bufs = [b for mod in model.modules() if isinstance(mod, NF4Linear) for b in mod.buffers()]
@@ -352,8 +300,8 @@ def measure(case: Case, root: Path, device: torch.device, profile_step: bool = T
     def step(batch, tracker=None, marks=None):
         b = {k: v.to(device) for k, v in batch.items()}
         n_step = int((b["targets"] != data.IGNORE).sum())
-        with train._autocast(device):
-            loss, _ = train.causal_lm_loss(model, b, n_norm=n_step, chunk=cfg.loss_chunk)
+        with autocast(device):
+            loss, _ = causal_lm_loss(model, b, n_norm=n_step, chunk=cfg.loss_chunk)
         if marks is not None:
             marks["fwd_end"] = tracker.live
             tracker.peak = tracker.live  # from here on: the backward peak
@@ -393,9 +341,9 @@ def measure(case: Case, root: Path, device: torch.device, profile_step: bool = T
     m["saved_head"] = marks["fwd_end"] - marks["blocks"]
     m["saved_bwd_peak"] = tracker.peak
     m["loss"] = loss_buffers_measured(model, batch, device, cfg.loss_chunk)
-    k = replace(plan.knobs_from(cfg, device.type), optim=name, target_fraction=n_targets / (case.batch * case.seq))
-    p = plan.plan_knobs(presets.load_shape(d), k)
-    del model, opt
+    k = replace(memory.knobs_from(cfg, device.type), optim=name, target_fraction=n_targets / (case.batch * case.seq))
+    p = memory.plan_knobs(shapes.load_shape(d), k)
+    del model, opt, rec
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -406,7 +354,7 @@ def loss_buffers_measured(model, batch, device, chunk: int) -> int:
     """Peak bytes allocated by the chunked loss itself (grad_h + chunk buffers), for given hidden states."""
     batch = {k: v.to(device) for k, v in batch.items()}
     sel = batch["targets"] != data.IGNORE
-    with torch.no_grad(), train._autocast(device):
+    with torch.no_grad(), autocast(device):
         out = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     hidden = out.last_hidden_state
     h = hidden[sel].detach().requires_grad_(True)
@@ -415,17 +363,17 @@ def loss_buffers_measured(model, batch, device, chunk: int) -> int:
     softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
     args = (h, head.weight, head.bias, batch["targets"][sel], float(int(sel.sum())), chunk, softcap)
     if device.type == "cpu":
-        return cpu_alloc_peak(lambda: _ChunkedCrossEntropy.apply(*args))[1]
+        return cpu_alloc_peak(lambda: ChunkedCrossEntropy.apply(*args))[1]
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with train._autocast(device):
-        _ChunkedCrossEntropy.apply(*args)
+    with autocast(device):
+        ChunkedCrossEntropy.apply(*args)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def compare(case: Case, m: dict, p: plan.Plan) -> list[tuple[str, int, int | None, bool]]:
+def compare(case: Case, m: dict, p: memory.Plan) -> list[tuple[str, int, int | None, bool]]:
     """(component, planned, measured, checked against the 5% bar) rows of one case."""
     t, ckpt = p.terms, p.knobs.checkpointing
     rows = [("NF4 weights + quant constants", t["weights"], m["weights"], True),
@@ -460,14 +408,11 @@ def error_text(planned: int, measured: int | None, checked: bool) -> str:
 # report
 
 
-def machine(device: torch.device) -> str:
+def describe(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({fmt_bytes(props.total_memory)}), torch {torch.__version__}, CUDA {torch.version.cuda}"
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+        return f"{props.name} ({machine.fmt_bytes(props.total_memory)}), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"{machine.describe('cpu')}, torch {torch.__version__}"
 
 
 CPU_NOTES = [
@@ -500,7 +445,7 @@ def render(results, device: torch.device, command: str, seconds: float) -> str:
     whole = [(pl - me) / me for _, rows in results for n, pl, me, _ in rows if n.startswith("peak allocated") and me]
     spread = f"{min(whole):+.1%} to {max(whole):+.1%}" if whole else "not measured"
     lines = [f"# Memory plan validation ({'GPU' if device.type == 'cuda' else 'CPU'})", "",
-             f"Command: `{command}`  ", f"Machine: {machine(device)}  ", f"Run time: {seconds:.0f} s", "",
+             f"Command: `{command}`  ", f"Machine: {describe(device)}  ", f"Run time: {seconds:.0f} s", "",
              f"Every validated row (all but the whole-step peak and the scratch) agrees within {TOLERANCE:.0%}: "
              f"**{'yes' if ok else 'NO'}**. Whole-step peak, planned vs measured: {spread}.", ""]  # fmt: skip
     lines += (CPU_NOTES if device.type == "cpu" else GPU_NOTES) + [""]
@@ -539,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows = compare(case, m, p)
             for name, pl, me, chk in rows:
-                print(f"    {name:<60} planned {fmt_bytes(pl):>11}  measured {fmt_bytes(me or 0):>11}  "
+                print(f"    {name:<60} planned {machine.fmt_bytes(pl):>11}  measured {machine.fmt_bytes(me or 0):>11}  "
                       f"{error_text(pl, me, chk)}", flush=True)
             results.append((case, rows))
     command = "python scripts/validate_plan.py" + " --gpu" * a.gpu + (f" --cases {a.cases}" if a.cases else "")

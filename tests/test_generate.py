@@ -6,22 +6,26 @@ import subprocess
 import sys
 
 import pytest
-from test_export import QUESTION, smollm2_run
 
 from qlora_engine import generate as gen
+from qlora_engine.cli import main
+from qlora_engine.lora.peft_format import load_with_adapter
+from qlora_engine.models.hub import load_tokenizer
+from qlora_engine.models.loader import load_plain
 
 transformers = pytest.importorskip("transformers")
+QUESTION = "What is the capital of Quenlar?"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, smollm2_dir):
-    return smollm2_run(tmp_path_factory.getbasetemp(), smollm2_dir)[0]  # shared with test_export.py
+def run(smollm2_run):
+    return smollm2_run[0]  # the session's one real run, shared with tests/export
 
 
 @pytest.fixture(scope="module")
 def models(run, smollm2_dir):
-    tok = gen.load_tokenizer(run / "merged")
-    return gen.load_trained(smollm2_dir, run / "adapter"), gen.load_plain(run / "merged"), tok
+    tok = load_tokenizer(run / "merged")
+    return load_with_adapter(smollm2_dir, run / "adapter"), load_plain(run / "merged"), tok
 
 
 def test_adapter_and_export_give_the_same_greedy_answer_ending_at_eos(models):
@@ -38,7 +42,7 @@ def test_adapter_and_export_give_the_same_greedy_answer_ending_at_eos(models):
 def test_streamed_pieces_make_the_answer(models):
     _, exported, tok = models
     pieces = []
-    text = gen.generate(exported, tok, QUESTION, max_new_tokens=12, on_text=pieces.append)
+    text = gen.generate_text(exported, tok, QUESTION, max_new_tokens=12, on_text=pieces.append)
     assert len(pieces) >= 2 and "".join(pieces).strip() == text
 
 
@@ -61,6 +65,6 @@ def test_cli_prompt_streams_an_answer(run):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert gen.main(["--adapter", str(tmp_path / "none"), "--prompt", "hi"]) == 2
+    assert main(["generate", "--adapter", str(tmp_path / "none"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "adapter_config.json is missing" in err

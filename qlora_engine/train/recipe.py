@@ -1,0 +1,370 @@
+"""One fine-tuning run as a recipe: `setup()` builds (or restores) everything, `train_step()` does
+one optimizer step, `evaluate()` and `save()` run at their intervals, and `run()` is the loop,
+written out top to bottom. Benchmarks and the planner's validation step the same object.
+
+The loop: for each optimizer step, accumulate `grad_accum` micro-batches (every token of the step
+weighs the same), clip, step, log, evaluate, checkpoint. SIGINT/SIGTERM save a checkpoint after the
+current step and stop; a NaN/Inf loss stops before the optimizer step, leaving the last checkpoint
+as it was. The recipe takes a config with concrete batch_size and seq_len: "auto" is the planner's
+job (`qlora_engine.run`). A caller may hand in its own model, tokenizer and in-memory data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import machine
+from ..errors import InputError, RunError
+from ..lora import peft_format
+from ..lora.inject import add_lora, lora_layers, trainable_parameters
+from ..models import tensorfiles
+from ..models.hub import load_tokenizer, parse_hub_id, resolve_model
+from ..models.loader import BASE_DTYPE, QuantSpec, load_dense, load_model
+from ..progress import Progress
+from . import attention, optim, recompute
+from . import data as data_mod
+from .checkpoint import Position, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state, set_seed
+from .config import RunConfig
+from .evaluate import autocast, evaluate
+from .loss import causal_lm_loss
+
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+EXIT_INTERRUPTED, EXIT_NONFINITE = 130, 3
+HELDOUT_SAMPLES = 64
+
+
+class TrainingStopped(RunError):
+    """Training ended early (non-finite loss); the message says why and what is intact."""
+
+    exit_code = EXIT_NONFINITE
+
+
+def load_base(cfg: RunConfig, model_dir: Path, device: torch.device) -> nn.Module:
+    """The frozen base per the config: NF4 (QLoRA), or 16-bit (plain LoRA, for comparison)."""
+    if cfg.base == "nf4":
+        quant = QuantSpec(cfg.blocksize, cfg.quant_type, cfg.double_quant)
+        return load_model(model_dir, device, BASE_DTYPE, quant, allow_pickle=cfg.allow_pickle)
+    return load_dense(model_dir, device, BASE_DTYPE, cfg.allow_pickle)
+
+
+def build_model(cfg: RunConfig, device: torch.device):
+    """(model with LoRA, tokenizer, model_dir): the base per the config + adapters."""
+    model_dir = resolve_model(cfg.model, cfg.allow_pickle)
+    model = load_base(cfg, model_dir, device)
+    add_model_lora(model, cfg)
+    return model, load_tokenizer(model_dir), model_dir
+
+
+def add_model_lora(model: nn.Module, cfg: RunConfig) -> None:
+    """LoRA per the config, seeded; packed samples attended one by one (exact, Σlen² not T²)."""
+    dtype = torch.bfloat16 if cfg.lora_dtype == "bf16" else torch.float32
+    add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.target_modules, dtype, seed=cfg.seed)
+    attention.use_varlen(model)
+
+
+@dataclass
+class Result:
+    steps: int
+    adapter_dir: Path | None
+    eval_before: dict | None = None
+    eval_after: dict | None = None
+    answer_before: str | None = None
+    answer_after: str | None = None
+    tokens_per_second: float = 0.0
+    peak_memory: int = 0
+    interrupted: bool = False
+    history: list = field(default_factory=list)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: finish the step, save, exit. A second one: stop at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Metrics:
+    """metrics.jsonl (one JSON object per line) and TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None):
+        self.path = Path(out_dir) / METRICS
+        if resume_step is not None and self.path.exists():  # drop what a killed run logged past its checkpoint
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            tensorfiles.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+        except Exception:  # tensorboard is optional
+            pass
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+def quiet(fn, *a):
+    """fn(*a) without moving any RNG the training uses (evaluation, sample answers)."""
+    state = rng_state()
+    try:
+        return fn(*a)
+    finally:
+        set_rng_state(state)
+
+
+def answer(model: nn.Module, tokenizer, question: str, max_new_tokens: int) -> str:
+    """Greedy answer to one user message, through the chat template when the tokenizer has one."""
+    from ..generate import generate_text
+
+    return generate_text(model, tokenizer, question, max_new_tokens)
+
+
+class Recipe:
+    """One run of `cfg` (batch_size and seq_len resolved). `model`/`tokenizer`: the caller's own
+    (LoRA is added per the config unless the model already has adapters); `train_data` /
+    `eval_data`: a datasets.Dataset or a list of dicts instead of cfg.data / cfg.eval_data.
+    `out` receives the human-readable report lines."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module | None = None, tokenizer=None, train_data=None, eval_data=None,
+                 out=print):  # fmt: skip
+        for key in ("batch_size", "seq_len"):
+            if getattr(cfg, key) == "auto":
+                raise InputError(f"{key} is auto: plan it first (qlora_engine.run.finetune or `qlora plan`)")
+        if model is not None and tokenizer is None:
+            raise InputError("a model given to the recipe needs its tokenizer too")
+        self.cfg, self.out = cfg, out
+        self.model, self.tokenizer = model, tokenizer
+        self.train_data, self.eval_data = train_data, eval_data
+        self.result = Result(steps=0, adapter_dir=None)
+        self.pos = Position()
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> "Recipe":
+        """Model, data, optimizer and schedule; restores the newest checkpoint when resuming."""
+        cfg = self.cfg
+        self.device = machine.resolve_device(cfg.device)
+        self.out_dir = Path(cfg.output_dir)
+        ckpts = list_checkpoints(self.out_dir)
+        if cfg.resume and not ckpts:
+            raise InputError(f"resume asked for, but {self.out_dir / 'checkpoints'} holds no checkpoint")
+        if ckpts and not cfg.resume and not cfg.dry_run:
+            raise InputError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, or choose another "
+                             "output_dir")  # fmt: skip
+        set_seed(cfg.seed)
+        # the data first: its errors show before a long model load (and a dry run loads no model)
+        self.built_model = self.model is None
+        if self.built_model:
+            self.model_dir = resolve_model(cfg.model, cfg.allow_pickle)
+            self.tokenizer = load_tokenizer(self.model_dir)
+        else:
+            self.model_dir = Path(getattr(self.model, "qlora_source", None) or cfg.model)
+        self.prepared = data_mod.prepare(cfg, self.tokenizer, self.train_data, self.eval_data)
+        p = self.prepared
+        src = cfg.data if self.train_data is None else "the given data"
+        self.out(f"data: {src} ({p.fmt}): train {p.train.summary()}; eval {p.eval.summary()}")
+        if cfg.dry_run:
+            return self
+        self.rss_before_load = machine.rss()
+        if self.built_model:
+            self.model = load_base(cfg, self.model_dir, self.device)
+        if not lora_layers(self.model):
+            add_model_lora(self.model, cfg)
+        self.base_kind = getattr(self.model, "qlora_base", cfg.base)
+        # what adapters record as their base: a hub id as given (portable), else the directory
+        hub_id = self.built_model and parse_hub_id(str(cfg.model)) and not Path(cfg.model).exists()
+        self.base_name = str(cfg.model) if hub_id else str(self.model_dir)
+        seq_len, batch_size = int(cfg.seq_len), int(cfg.batch_size)
+        rows = data_mod.make_rows(p.train.samples, seq_len, cfg.packing)
+        pad = self.tokenizer.pad_token_id
+        self.batches = data_mod.Batches(rows, batch_size, cfg.seed, pad)
+        eval_rows = data_mod.make_rows(p.eval.samples, seq_len, cfg.packing)
+        self.eval_batches = data_mod.eval_batches(eval_rows, cfg.eval_batch_size or batch_size, pad)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches.per_epoch / cfg.grad_accum))
+        dev = self.device
+        self.checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing != "auto" else dev.type == "cuda"
+        if self.checkpointing:
+            recompute.enable(self.model, offload=cfg.offload_activations)
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.optimizer, optim_name = optim.build(self.params, cfg.optim, cfg.lr, cfg.weight_decay, dev)
+        warmup = optim.warmup_steps(cfg.warmup, self.total_steps)
+        self.scheduler = optim.schedule(self.optimizer, cfg.schedule, warmup, self.total_steps)
+        n_params = sum(p.numel() for p in self.params)
+        ckpt = ("on" + (" + offload" if cfg.offload_activations else "")) if self.checkpointing else "off"
+        self.out(f"model: {self.model_dir.name} ({self.base_kind} base) on {dev}; LoRA r={cfg.lora_r} on "
+                 f"{len(lora_layers(self.model))} layers, {n_params / 1e6:.2f}M trainable params ({cfg.lora_dtype}); "
+                 f"optimizer {optim_name}; checkpointing {ckpt}")  # fmt: skip
+        self.out(f"plan: {self.total_steps} steps x {cfg.grad_accum} micro-batches x {batch_size} rows of <= {seq_len} "
+                 f"tokens ({len(rows)} rows per epoch, {'packed' if cfg.packing else 'one sample per row'})")  # fmt: skip
+        if cfg.resume:
+            ckpts = list_checkpoints(self.out_dir)
+            self.pos = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+            self.out(f"resumed from {ckpts[-1]} at step {self.pos.step}")
+        self.metrics = Metrics(self.out_dir, self.pos.step if cfg.resume else None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ---- the pieces ------------------------------------------------------------------------
+
+    def train_step(self, micro: list[dict]) -> dict:
+        """One optimizer step over `micro` (the step's micro-batches); returns its metrics record."""
+        cfg, pos = self.cfg, self.pos
+        n_step = sum(int((b["targets"] != data_mod.IGNORE).sum()) for b in micro)
+        step_loss = 0.0
+        for k, b in enumerate(micro):
+            b = {key: v.to(self.device, non_blocking=True) for key, v in b.items()}
+            with autocast(self.device):
+                loss, _ = causal_lm_loss(self.model, b, n_norm=n_step, chunk=cfg.loss_chunk)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                last = list_checkpoints(self.out_dir)
+                where = f"the last good checkpoint, {last[-1]}, is intact" if last else "no checkpoint had been saved yet"
+                raise TrainingStopped(f"loss became {loss_value} at step {pos.step + 1} (micro-batch {k}); {where}. "
+                                      "Lower lr or max_grad_norm, or check the data.")  # fmt: skip
+            loss.backward()
+            step_loss += loss_value
+            pos.tokens += int(b["position_ids"].numel())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        return {"step": pos.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+    def evaluate(self) -> dict:
+        return quiet(evaluate, self.model, self.eval_batches, self.device, self.cfg.loss_chunk)
+
+    def save(self) -> Path:
+        """A resumable checkpoint of the current position."""
+        return save_checkpoint(self.out_dir, self.model, self.optimizer, self.scheduler, self.pos, self.cfg.flat(),
+                               self.cfg.keep_checkpoints, self.base_name)  # fmt: skip
+
+    def save_adapter(self) -> Path:
+        """The final adapter in PEFT format (with provenance and held-out ids), replacing an earlier one."""
+        cfg = self.cfg
+        final = self.out_dir / ADAPTER
+        extra = {"steps": self.pos.step, "data": cfg.data, "eval_data": cfg.eval_data, "eval_fraction": cfg.eval_fraction,
+                 "seed": cfg.seed, "blocksize": cfg.blocksize, "quant_type": cfg.quant_type,
+                 "double_quant": cfg.double_quant, "base": self.base_kind}  # fmt: skip
+        with tensorfiles.atomic_directory(final, force=True) as tmp:
+            peft_format.save_adapter(self.model, tmp, self.base_name, extra=extra)
+            # the held-out samples as token ids, so an export can be checked on exactly this text
+            heldout = [s.ids for s in self.prepared.eval.samples[:HELDOUT_SAMPLES]]
+            (tmp / peft_format.HELDOUT).write_text(json.dumps({"tokenizer": str(self.model_dir), "samples": heldout}) + "\n")
+        return final
+
+    def sample(self) -> str:
+        return quiet(answer, self.model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_max_new_tokens)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        if not hasattr(self, "device"):
+            self.setup()
+        cfg, out, result, pos = self.cfg, self.out, self.result, self.pos
+        if cfg.dry_run:
+            color = sys.stdout.isatty()
+            for i, s in enumerate(self.prepared.train.samples[:2]):
+                trained = sum(t != data_mod.IGNORE for t in s.targets)
+                out(f"--- sample {i} ({trained} of {len(s.ids)} tokens trained on, marked {'green' if color else '«»'}) ---")
+                out(data_mod.show_sample(self.tokenizer, s, color))
+            return result
+        if not cfg.resume:
+            result.eval_before = self.evaluate()
+            out(f"eval before training: loss {result.eval_before['eval_loss']:.4f}, ppl {result.eval_before['eval_ppl']:.2f}")
+            self.metrics.log({"step": 0, **result.eval_before})
+            if cfg.sample_prompt:
+                result.answer_before = self.sample()
+                out(f"sample before: Q: {cfg.sample_prompt}\n               A: {result.answer_before}")
+
+        self.model.train()
+        stream = self.batches.stream(pos.epoch, pos.index)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        bar = Progress(self.total_steps, "training", "step", initial=pos.step, every=cfg.log_every)
+        t_start, tokens_start = time.perf_counter(), pos.tokens
+        with _Signals() as signals:
+            while pos.step < self.total_steps:
+                taken = [next(stream) for _ in range(cfg.grad_accum)]
+                record = self.train_step([b for _, _, b in taken])
+                pos.epoch, pos.index = _advance(taken, self.batches)
+                tps = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+                record |= {"tokens_per_s": tps, "peak_mem": machine.peak_memory(self.device),
+                           "epoch": pos.epoch + pos.index / self.batches.per_epoch}  # fmt: skip
+                if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
+                    logged = {k: v for k, v in record.items() if k not in ("tokens_per_s", "peak_mem")}
+                    self.metrics.log(logged | {"tokens_per_s": round(tps, 1)})
+                result.history.append(record)
+                bar.update(loss=record["loss"], lr=record["lr"], tok_s=round(tps),
+                           mem=machine.fmt_bytes(record["peak_mem"]))  # fmt: skip
+                if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < self.total_steps:
+                    ev = self.evaluate()
+                    self.metrics.log({"step": pos.step, **ev})
+                    bar.write(f"step {pos.step}: eval loss {ev['eval_loss']:.4f}, ppl {ev['eval_ppl']:.2f}")
+                stop = signals.received is not None
+                if (cfg.save_every and pos.step % cfg.save_every == 0) or stop:
+                    path = self.save()
+                    if stop:
+                        bar.close()
+                        out(f"stopped by signal {signals.received} after step {pos.step}; checkpoint saved to {path}; "
+                            "continue with --resume")  # fmt: skip
+                        result.interrupted, result.steps = True, pos.step
+                        return result
+        bar.close()
+        result.steps = pos.step
+        result.tokens_per_second = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+        result.peak_memory = machine.peak_memory(self.device)
+        result.eval_after = self.evaluate()
+        self.metrics.log({"step": pos.step, **result.eval_after})
+        if cfg.save_every and pos.step % cfg.save_every:
+            self.save()
+        result.adapter_dir = self.save_adapter()
+        before = f" (before: {result.eval_before['eval_loss']:.4f})" if result.eval_before else ""
+        out(f"eval after {pos.step} steps: loss {result.eval_after['eval_loss']:.4f}, "
+            f"ppl {result.eval_after['eval_ppl']:.2f}{before}")  # fmt: skip
+        where = "GPU" if self.device.type == "cuda" else "host"
+        out(f"throughput {result.tokens_per_second:.0f} tokens/s; peak {where} memory "
+            f"{result.peak_memory / 2**30:.2f} GiB; adapter saved to {result.adapter_dir}")  # fmt: skip
+        if cfg.sample_prompt:
+            result.answer_after = self.sample()
+            out(f"sample after:  Q: {cfg.sample_prompt}\n               A: {result.answer_after}")
+        return result
+
+
+def _advance(taken, batches: data_mod.Batches) -> tuple[int, int]:
+    """The position after the last micro-batch taken."""
+    epoch, index, _ = taken[-1]
+    index += 1
+    return (epoch + 1, 0) if index >= batches.per_epoch else (epoch, index)
