@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import machine
 from .errors import InputError
-from .train.checkpoint import list_checkpoints, saved_config
+from .train.checkpoint import config_changes, newest_intact, saved_config
 from .train.config import RunConfig
 from .train.recipe import Recipe, Result
 
@@ -30,11 +30,17 @@ def finetune(cfg: RunConfig | None = None, *, model=None, tokenizer=None, train_
 
     cfg = (cfg.replace(**settings) if settings else cfg) if cfg is not None else RunConfig.make(**settings)
     device = machine.resolve_device(cfg.device)
-    if cfg.resume:  # the settings a checkpoint was trained with, never a new solve
-        ckpts = list_checkpoints(Path(cfg.output_dir))
-        if ckpts:
-            saved = saved_config(ckpts[-1])
-            cfg = cfg.replace(batch_size=saved["batch_size"], seq_len=saved["seq_len"])
+    if cfg.resume:  # the settings a checkpoint was trained with, never a new solve; checked before any load
+        saved = saved_config(newest_intact(Path(cfg.output_dir), warn=lambda s: None))
+        auto = {k: saved[k] for k in ("batch_size", "seq_len") if cfg.flat()[k] == "auto"}
+        cfg = cfg.replace(**auto) if auto else cfg
+        changed = config_changes(saved, cfg.flat())
+        if saved.get("max_steps") != cfg.max_steps or saved.get("epochs") != cfg.epochs:
+            out(f"resume: the run's length changed (max_steps {saved.get('max_steps')} -> {cfg.max_steps}); the "
+                "learning-rate schedule is recomputed for the new length")  # fmt: skip
+        if changed:
+            raise InputError(f"--resume: this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume "
+                             "with the checkpoint's settings, or start a new output_dir")  # fmt: skip
     plan = None
     if model is not None:
         shape_source = getattr(model, "config", None)

@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
             flag = unknown[0].split("=")[0]
             if flag.startswith("-"):
                 opts = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
-                near = difflib.get_close_matches(flag, opts, n=2)
+                near = difflib.get_close_matches(flag, opts, n=1)
                 self.error(f"unknown flag {flag}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
             self.error(f"unexpected argument {unknown[0]!r}: flags take the form --key value")
         return ns

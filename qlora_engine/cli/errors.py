@@ -43,6 +43,8 @@ def run(fn, argv: list[str]) -> int:
     debug = debug_wanted(argv)
     try:
         return int(fn(argv) or 0)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

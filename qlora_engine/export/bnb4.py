@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..models.hub import resolve_model
 from ..models.loader import QuantSpec, load_model
 from ..models.structure import weight_owner
-from ..models.tensorfiles import ShardedWriter, TensorEntry, atomic_directory, copy_side_files, list_tensors, read_tensor, save_tensors
+from ..models.tensorfiles import (ShardedWriter, TensorEntry, atomic_directory, check_not_inside, check_replaceable,
+                                  copy_side_files, list_tensors, read_tensor, save_tensors)  # fmt: skip
 from ..quant import ops
 
 
@@ -51,8 +53,11 @@ def quantize_checkpoint(model: str | Path, out: str | Path, quant: QuantSpec | N
     """Stream-load `model` (a directory or hub id), quantizing each decoder-block linear, and write
     it to `out` atomically."""
     out, quant = Path(out), quant or QuantSpec()
+    check_not_inside(out, {"model": resolve_model(model, allow_pickle)})
     if out.exists() and not force:
         raise InputError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if out.exists():
+        check_replaceable(out)  # before the long load, not after it
     loaded = load_model(model, device=device, quant=quant, allow_pickle=allow_pickle)
     model_dir = Path(loaded.qlora_source)
     if loaded.qlora_quant["prequantized"]:

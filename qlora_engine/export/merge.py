@@ -31,7 +31,8 @@ from ..machine import fmt_bytes
 from ..models.hub import load_config, resolve_model
 from ..models.loader import BASE_DTYPE, QuantSpec, empty_model
 from ..models.structure import block_linear_names, quantized_prefixes, weight_owner
-from ..models.tensorfiles import ShardedWriter, TensorEntry, atomic_directory, copy_side_files, list_tensors, read_tensor
+from ..models.tensorfiles import (ShardedWriter, TensorEntry, atomic_directory, check_not_inside, copy_side_files,
+                                  list_tensors, read_tensor)  # fmt: skip
 from ..progress import Progress
 from ..quant import nf4, ops
 
@@ -215,6 +216,7 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
     """Merge `adapter_dir` onto `base_dir` into `out` (atomically); with `report`, also compute the
     fidelity report and save it in the export. Returns the report (or a summary without it)."""
     base, out, device = resolve_model(base_dir), Path(out), torch.device(device)
+    check_not_inside(out, {"base model": base, "adapter": Path(adapter_dir)})
     adapter = Adapter.read(adapter_dir)
     plan = plan_export(base, adapter, dtype)
     info = {"base": str(base), "adapter": str(adapter.dir), "out": str(out), "dtype": DTYPE_JSON[dtype],

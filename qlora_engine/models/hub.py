@@ -107,6 +107,9 @@ def load_config(model_dir: str | Path):
     try:
         return AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as e:
+        if "trust_remote_code" in str(e):
+            raise InputError(f"{path}: this model's code lives in its repository (trust_remote_code), which qlora_engine "
+                             "never runs; use an architecture transformers ships") from None  # fmt: skip
         raise InputError(f"{path}: transformers cannot read this config ({str(e).splitlines()[0][:200]})") from None
 
 

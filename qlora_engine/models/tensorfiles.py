@@ -13,6 +13,7 @@ and then with `torch.load(weights_only=True)`, memory-mapped, one file at a time
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -224,6 +225,8 @@ class ShardedWriter:
 
     def _open(self, i: int) -> None:
         if self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
         raw, _ = _header_bytes(self._shards[i], None)
         self._file = open(self.out_dir / self.names[i], "wb")
@@ -238,7 +241,10 @@ class ShardedWriter:
         if i != self._open_index:
             self._open(i)
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        try:
+            self._file.write(memoryview(data))
+        except OSError as e:
+            raise named(e, self.out_dir / self.names[i]) from None
         self._pos += 1
 
     def close(self, metadata: dict | None = None) -> None:
@@ -253,7 +259,7 @@ class ShardedWriter:
         if not self.single:
             weight_map = {name: self.names[i] for i, shard in enumerate(self._shards) for name, _, _ in shard}
             index = {"metadata": {"total_size": self.total_bytes, **(metadata or {})}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(self.out_dir / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def save_tensors(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = 5 << 30) -> None:
@@ -271,14 +277,22 @@ def save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | Non
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     raw, _ = _header_bytes(specs, {k: str(v) for k, v in (metadata or {"format": "pt"}).items()})
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for t in tensors.values():
+                f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise named(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -287,14 +301,113 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
     return {name: read_tensor(e) for name, e in entries.items()}
 
 
+def named(e: OSError, path: Path) -> OSError:
+    """The same OSError, naming the file it was writing (Python's write() does not)."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file, fsynced, renamed, the directory fsynced."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise named(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+MANIFEST = "manifest.json"
+
+
+class _RecordingWriter:
+    """A file for torch.save that remembers the OSError under the RuntimeError torch turns it into."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save(obj, path), fsynced; a full disk or file-size limit is the OSError that says so
+    (errno and file name), not torch's "unexpected pos" RuntimeError."""
+    path = Path(path)
+    try:
+        with open(path, "wb", buffering=0) as f:  # unbuffered: a write error surfaces in write(), not in close()
+            w = _RecordingWriter(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is None:
+                    raise
+                raise w.error from None
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise named(e, path) from None
+
+
+def write_manifest(d: Path) -> dict:
+    """manifest.json in `d`: every other file's size and sha256, so that a reader can tell an intact
+    directory from one a crash or a full disk cut short."""
+    d = Path(d)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}  # fmt: skip
+    write_text_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+    return files
+
+
+def verify_manifest(d: Path) -> str | None:
+    """None when every file the manifest lists has its size and checksum, else why not (one line)."""
+    d = Path(d)
+    try:
+        files = json.loads((d / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, want in sorted(files.items()):
+        p = d / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want.get("bytes"):
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {want.get('bytes')}"
+        if file_digest(p) != want.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -307,23 +420,88 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `out` left by a process that was killed
+    (its PID no longer runs): a crash leaves no half-written output behind for long."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in sorted(d.rglob("*"), key=lambda p: -len(p.parts)):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(d)
+
+
+OUR_MARKERS = ("config.json", "adapter_config.json", MANIFEST, "model.safetensors", INDEX_NAME)
+
+
+def check_replaceable(out: Path) -> None:
+    """`out` may be replaced (--force) only when it is what this engine writes: a checkpoint, an
+    export or an adapter directory, or an empty one. Anything else is refused, so that a mistyped
+    --out (a home directory, a data folder) is never deleted."""
+    out = Path(out)
+    if out.is_symlink() or not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory: refusing to replace it; choose another --out")
+    entries = list(out.iterdir())
+    if entries and not any((out / m).is_file() for m in OUR_MARKERS):
+        raise InputError(f"{out} holds files that are not a checkpoint, export or adapter: refusing to replace it, even "
+                         "with --force; choose another --out")  # fmt: skip
+
+
+def check_not_inside(out: Path, inputs: dict[str, Path]) -> None:
+    """An output must not be one of the inputs or a directory that holds one (replacing it would
+    delete what is being read)."""
+    o = Path(out).resolve()
+    for what, p in inputs.items():
+        q = Path(p).resolve()
+        if o == q or o in q.parents:
+            raise InputError(f"--out {out} would replace the {what} ({p}) it reads: choose another --out")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `out` only if the block succeeds.
 
     An existing `out` is refused unless `force`; with `force` it is replaced only after the new
-    directory is complete. On any error the temporary directory is removed and `out` is untouched.
+    directory is complete. Every file and the directory are fsynced before the rename, and the
+    parent after it, so a crash leaves either the old `out` or the new one. On any error the
+    temporary directory is removed and `out` is untouched; temporaries of killed processes are
+    removed on the next call.
     """
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists: choose another --out or pass --force to replace it")
+        raise InputError(f"{out} already exists: choose another --out or pass --force to replace it")
+    if out.exists():
+        check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -331,6 +509,8 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out)
+        fsync_dir(out.parent)

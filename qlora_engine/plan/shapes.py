@@ -108,7 +108,7 @@ def read_config(spec) -> tuple[str, dict]:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ShapeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise ShapeError(f"{path} is not valid JSON (line {e.lineno}): restore it from the original checkpoint") from None
         if not isinstance(data, dict):
             raise ShapeError(f"{path} must hold a JSON object")
         name = path.parent.name if path.name == "config.json" else path.stem

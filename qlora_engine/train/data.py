@@ -9,6 +9,7 @@ never asks one sample to predict the next one's first token.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +65,43 @@ def load_records(spec: str, split: str | None = "train", subset: str | None = No
     kind = _SUFFIX_KIND.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if kind == "json":
+        check_json(path)
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:
         raise DataError(f"{path}: could not read it as {kind} ({str(e).splitlines()[0][:200]})") from None
     return _empty_check(ds, spec)
+
+
+def check_json(path: Path) -> None:
+    """A one-line DataError naming the first bad line (counted from 1) of a JSON Lines file, or of a
+    .json file (one JSON array of objects, or JSON Lines), before datasets reads it."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path} holds no samples: give a data file with at least one sample")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # more than one value: JSON Lines in a .json file
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); fix that line") from None
+        else:
+            items = data if isinstance(data, list) else [data]
+            bad = next((i for i, r in enumerate(items) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DataError(f"{path}: item {bad + 1} is a {type(items[bad]).__name__}, not an object of fields; each "
+                                "sample must be a JSON object")  # fmt: skip
+            return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); fix or remove line {n}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: a sample must be a JSON object of fields, got a {type(record).__name__}")
 
 
 def _pick(splits, split: str | None, spec: str):
@@ -211,14 +244,22 @@ class Tokenized:
     total: int = 0
     truncated: int = 0
     dropped: int = 0  # no trainable token left after truncation
+    first_dropped: int | None = None  # its sample number, counted from 1
 
     @property
     def trainable_tokens(self) -> int:
         return sum(sum(t != IGNORE for t in s.targets) for s in self.samples)
 
     def summary(self) -> str:
+        first = f" (nothing to train on; the first is sample {self.first_dropped})" if self.dropped else ""
         return (f"{len(self.samples)} samples, {sum(len(s.ids) for s in self.samples)} tokens "
-                f"({self.trainable_tokens} trained on); {self.truncated} of {self.total} truncated to seq_len, {self.dropped} dropped")  # fmt: skip
+                f"({self.trainable_tokens} trained on); {self.truncated} of {self.total} truncated to seq_len, "
+                f"{self.dropped} dropped{first}")  # fmt: skip
+
+    def drop(self, i: int) -> None:
+        self.dropped += 1
+        if self.first_dropped is None:
+            self.first_dropped = i + 1
 
 
 def _pretokenized(records, seq_len: int) -> Tokenized:
@@ -236,26 +277,38 @@ def _pretokenized(records, seq_len: int) -> Tokenized:
             out.truncated += 1
         targets = labels[1:] + [IGNORE]
         if all(t == IGNORE for t in targets):
-            out.dropped += 1
+            out.drop(i)
             continue
         out.samples.append(Sample(ids, targets))
     return out
 
 
-def tokenize(records, renderer: Renderer, seq_len: int, batch: int = 512) -> Tokenized:
+def _render(renderer: Renderer, records, i: int, source: str) -> Rendered:
+    try:
+        return renderer(records[i])
+    except DataError as e:
+        raise DataError(f"{source}: sample {i + 1}: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{source}: sample {i + 1} does not fit the {renderer.fmt} format ({type(e).__name__}: {e}); "
+                        "fix it or set data_format") from None  # fmt: skip
+
+
+def tokenize(records, renderer: Renderer, seq_len: int, batch: int = 512, source: str = "data") -> Tokenized:
+    """Render and tokenize every record; samples left with nothing to train on are counted (and
+    the first named), errors name the sample (counted from 1)."""
     if renderer.fmt == "tokens":
         return _pretokenized(records, seq_len)
     tok = renderer.tok
     eos = tok.eos_token_id
     out = Tokenized([], total=len(records))
     for start in range(0, len(records), batch):
-        chunk = [renderer(records[i]) for i in range(start, min(start + batch, len(records)))]
+        chunk = [(i, _render(renderer, records, i, source)) for i in range(start, min(start + batch, len(records)))]
         for templated in (True, False):
-            group = [r for r in chunk if r.templated == templated]
+            group = [(i, r) for i, r in chunk if r.templated == templated]
             if not group:
                 continue
-            enc = tok([r.text for r in group], add_special_tokens=not templated, return_offsets_mapping=True)
-            for r, ids, offsets in zip(group, enc["input_ids"], enc["offset_mapping"]):
+            enc = tok([r.text for _, r in group], add_special_tokens=not templated, return_offsets_mapping=True)
+            for (i, r), ids, offsets in zip(group, enc["input_ids"], enc["offset_mapping"]):
                 keep = [any(s < b and e > a for a, b in r.spans) and e > s for s, e in offsets]
                 if r.add_eos and eos is not None and (not ids or ids[-1] != eos):
                     ids, keep = ids + [eos], keep + [True]
@@ -264,7 +317,7 @@ def tokenize(records, renderer: Renderer, seq_len: int, batch: int = 512) -> Tok
                     out.truncated += 1
                 targets = [t if k else IGNORE for t, k in zip(ids[1:], keep[1:])] + [IGNORE]
                 if all(t == IGNORE for t in targets):
-                    out.dropped += 1
+                    out.drop(i)
                     continue
                 out.samples.append(Sample(list(ids), targets))
     return out
@@ -394,20 +447,28 @@ def prepare(cfg, tokenizer, train_records=None, eval_records=None) -> Prepared:
             raise DataError(f"data_format {fmt} does not fit columns {records.column_names}")
     eval_spec = cfg.eval_data or (str(DEMO_EVAL) if cfg.data == "demo" and train_records is None else None)
     if eval_records is not None:
-        eval_records, train_records = as_dataset(eval_records), records
+        eval_records, train_records, eval_source = as_dataset(eval_records), records, "the given eval data"
     elif eval_spec:
         eval_records = load_records(eval_spec, cfg.eval_split, cfg.data_subset)
-        train_records = records
+        train_records, eval_source = records, eval_spec
     else:
         if len(records) < 2:
             raise DataError(f"{source} has {len(records)} sample(s): too few to hold some out; give eval_data")
         split = records.train_test_split(test_size=max(1, round(cfg.eval_fraction * len(records))), seed=cfg.seed)
         train_records, eval_records = split["train"], split["test"]
+        eval_source = f"{source} (the held-out part)"
     if cfg.max_samples:
         train_records = train_records.select(range(min(cfg.max_samples, len(train_records))))
     renderer = Renderer(tokenizer, fmt, cfg.train_on_prompt)
     seq_len = int(cfg.seq_len)
-    return Prepared(tokenize(train_records, renderer, seq_len), tokenize(eval_records, renderer, seq_len), fmt, renderer, eval_records)
+    train = tokenize(train_records, renderer, seq_len, source=source)
+    evals = tokenize(eval_records, renderer, seq_len, source=eval_source)
+    for what, t, src in (("training", train, source), ("eval", evals, eval_source)):
+        if not t.samples:
+            raise DataError(f"{src}: none of its {t.total} {what} samples has a token to train on (the first is sample "
+                            f"{t.first_dropped}): an empty completion or assistant turn, or one past seq_len {seq_len}; "
+                            "check the columns and data_format, or set train_on_prompt: true")  # fmt: skip
+    return Prepared(train, evals, fmt, renderer, eval_records)
 
 
 def show_sample(tokenizer, sample: Sample, color: bool) -> str:

@@ -27,12 +27,14 @@ from ..errors import InputError, RunError
 from ..lora import peft_format
 from ..lora.inject import add_lora, lora_layers, trainable_parameters
 from ..models import tensorfiles
-from ..models.hub import load_tokenizer, parse_hub_id, resolve_model
+from ..models.hub import load_config, load_tokenizer, parse_hub_id, resolve_model
+from ..models.tensorfiles import list_tensors
 from ..models.loader import BASE_DTYPE, QuantSpec, load_dense, load_model
 from ..progress import Progress
 from . import attention, optim, recompute
 from . import data as data_mod
-from .checkpoint import Position, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state, set_seed
+from .checkpoint import (Position, list_checkpoints, load_checkpoint, newest_intact, rng_state, save_checkpoint,
+                         set_rng_state, set_seed)  # fmt: skip
 from .config import RunConfig
 from .evaluate import autocast, evaluate
 from .loss import causal_lm_loss
@@ -135,6 +137,19 @@ class Metrics:
                     self.tb.add_scalar(k, v, record["step"])
 
 
+RUN_OUTPUTS = ("checkpoints", ADAPTER, "merged", METRICS, "tb")  # all a run writes, inside output_dir
+
+
+def check_confined(out_dir: Path) -> None:
+    """Every path a run writes stays inside output_dir: none of them may be a symlink that points out."""
+    root = Path(out_dir).resolve()
+    for name in RUN_OUTPUTS:
+        p = Path(out_dir) / name
+        if p.is_symlink() and root not in p.resolve().parents:
+            raise InputError(f"{p} is a symlink to {p.resolve()}, outside {out_dir}: a run writes only inside its "
+                             "output_dir; remove the link or choose another output_dir")  # fmt: skip
+
+
 def quiet(fn, *a):
     """fn(*a) without moving any RNG the training uses (evaluation, sample answers)."""
     state = rng_state()
@@ -178,16 +193,18 @@ class Recipe:
         self.device = machine.resolve_device(cfg.device)
         self.out_dir = Path(cfg.output_dir)
         ckpts = list_checkpoints(self.out_dir)
-        if cfg.resume and not ckpts:
-            raise InputError(f"resume asked for, but {self.out_dir / 'checkpoints'} holds no checkpoint")
         if ckpts and not cfg.resume and not cfg.dry_run:
             raise InputError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, or choose another "
                              "output_dir")  # fmt: skip
+        self.resume_from = newest_intact(self.out_dir, self.out) if cfg.resume else None
+        check_confined(self.out_dir)
         set_seed(cfg.seed)
         # the data first: its errors show before a long model load (and a dry run loads no model)
         self.built_model = self.model is None
         if self.built_model:
             self.model_dir = resolve_model(cfg.model, cfg.allow_pickle)
+            load_config(self.model_dir)  # a broken config.json or checkpoint header fails here, not after minutes
+            list_tensors(self.model_dir, cfg.allow_pickle)
             self.tokenizer = load_tokenizer(self.model_dir)
         else:
             self.model_dir = Path(getattr(self.model, "qlora_source", None) or cfg.model)
@@ -228,10 +245,9 @@ class Recipe:
                  f"optimizer {optim_name}; checkpointing {ckpt}")  # fmt: skip
         self.out(f"plan: {self.total_steps} steps x {cfg.grad_accum} micro-batches x {batch_size} rows of <= {seq_len} "
                  f"tokens ({len(rows)} rows per epoch, {'packed' if cfg.packing else 'one sample per row'})")  # fmt: skip
-        if cfg.resume:
-            ckpts = list_checkpoints(self.out_dir)
-            self.pos = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
-            self.out(f"resumed from {ckpts[-1]} at step {self.pos.step}")
+        if self.resume_from is not None:
+            self.pos = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            self.out(f"resumed from {self.resume_from} at step {self.pos.step}")
         self.metrics = Metrics(self.out_dir, self.pos.step if cfg.resume else None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self

@@ -34,10 +34,9 @@ def test_help_lists_every_command(capsys):
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
 def test_every_command_has_help_with_dashed_flags(cmd, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([cmd, "--help"])
+    assert main([cmd, "--help"]) == 0
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "--debug" in out
+    assert "--debug" in out
     flags = [w for w in out.split() if w.startswith("--")]
     assert flags and not any("_" in f.split("=")[0] for f in flags), [f for f in flags if "_" in f]
     if cmd in ("plan", "finetune"):

@@ -38,6 +38,7 @@ def test_refuses_existing_output_and_keeps_it(tmp_path, capsys, tiny_checkpoint)
     src = tiny_checkpoint(tmp_path / "src", "llama")
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier export: --force may replace it (never a foreign directory)
     (out / "keep.txt").write_text("mine")
     assert main(["--model", str(src), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -233,6 +233,7 @@ def test_existing_output_is_refused_unless_forced(tmp_path, tiny, capsys):
     base, adapter = tiny
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier export: --force may replace it (never a foreign directory)
     (out / "keep.txt").write_text("mine")
     rc, err = run_main(["--model", base, "--adapter", adapter, "--out", out], capsys)
     assert rc == 2 and "already exists" in err and err.count("\n") == 1

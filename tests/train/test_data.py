@@ -115,7 +115,7 @@ def test_bad_data_paths(tmp_path):
     with pytest.raises(data.DataError, match="unknown file type"):
         data.load_records(str(tmp_path / "d.txt"))
     (tmp_path / "broken.jsonl").write_text("{not json\n")
-    with pytest.raises(data.DataError, match="could not read"):
+    with pytest.raises(data.DataError, match=r"broken.jsonl:1: not valid JSON \(.*\); fix or remove line 1"):
         data.load_records(str(tmp_path / "broken.jsonl"))
 
 
