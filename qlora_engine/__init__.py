@@ -35,6 +35,7 @@ _API = {
     "plan_run": "plan.solver",
     # out of the engine
     "export_merged": "export.merge", "quantize_checkpoint": "export.bnb4", "generate_text": "generate",
+    "export_gguf": "export.gguf", "export_gguf_lora": "export.gguf_lora", "serve_app": "serve",
     # errors
     "QloraError": "errors", "InputError": "errors", "RunError": "errors",
 }  # fmt: skip

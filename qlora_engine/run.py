@@ -9,13 +9,15 @@ the sample prompt from the export.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 from . import machine
-from .errors import InputError
+from .errors import InputError, QloraError
 from .train.checkpoint import config_changes, newest_intact, saved_config
 from .train.config import RunConfig
+from .train.data import RESUME_FREE as DATA_RESUME_FREE
 from .train.recipe import Recipe, Result
 
 
@@ -27,14 +29,41 @@ def finetune(cfg: RunConfig | None = None, *, model=None, tokenizer=None, train_
     `eval_data`: a datasets.Dataset or a list of dicts instead of cfg.data / cfg.eval_data.
     `out` receives the report lines. Returns the Result (eval losses, answers, adapter directory)."""
     from .plan.solver import peak_report, resolve_auto
+    from .train import distributed
 
     cfg = (cfg.replace(**settings) if settings else cfg) if cfg is not None else RunConfig.make(**settings)
-    device = machine.resolve_device(cfg.device)
+    distributed.check_strategy(cfg, distributed.world_size())
+    d = distributed.setup(cfg)  # several processes: join the group before anything else
+    if d is not None and not d.main:
+        out = lambda s: None  # noqa: E731 - one report, from rank 0
+    failed = True
+    try:
+        result = _finetune(cfg, d, model, tokenizer, train_data, eval_data, out, peak_report, resolve_auto)
+        failed = False
+    except RuntimeError as e:
+        if d is not None and not isinstance(e, QloraError):
+            # the launcher SIGTERMs the survivors as soon as one process dies: say why before going
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise distributed.lost_rank(e) from e
+        raise
+    finally:
+        if d is not None and not failed:
+            d.finish()
+    if cfg.export and result.adapter_dir is not None and (d is None or d.main):
+        export_after_training(cfg, result, out)
+    return result
+
+
+def _finetune(cfg, d, model, tokenizer, train_data, eval_data, out, peak_report, resolve_auto) -> Result:
+    device = d.device if d is not None else machine.resolve_device(cfg.device)
+    world = d.world if d is not None else 1
     if cfg.resume:  # the settings a checkpoint was trained with, never a new solve; checked before any load
-        saved = saved_config(newest_intact(Path(cfg.output_dir), warn=lambda s: None))
+        saved = {"world_size": 1} | saved_config(newest_intact(Path(cfg.output_dir), warn=lambda s: None))
         auto = {k: saved[k] for k in ("batch_size", "seq_len") if cfg.flat()[k] == "auto"}
         cfg = cfg.replace(**auto) if auto else cfg
-        changed = config_changes(saved, cfg.flat())
+        # a key the checkpoint predates counts as its default; data-cache and eval-cost keys change nothing trained
+        changed = [c for c in config_changes(RunConfig().flat() | saved, cfg.flat() | {"world_size": world})
+                   if c.split(":")[0] not in DATA_RESUME_FREE]
         if saved.get("max_steps") != cfg.max_steps or saved.get("epochs") != cfg.epochs:
             out(f"resume: the run's length changed (max_steps {saved.get('max_steps')} -> {cfg.max_steps}); the "
                 "learning-rate schedule is recomputed for the new length")  # fmt: skip
@@ -55,12 +84,13 @@ def finetune(cfg: RunConfig | None = None, *, model=None, tokenizer=None, train_
         if model is None or "auto" in (cfg.batch_size, cfg.seq_len):
             raise
         out("memory plan: skipped (the planner models transformers causal LMs; this model is not one)")
-    recipe = Recipe(cfg, model, tokenizer, train_data, eval_data, out)
+    if d is not None and cfg.strategy == "auto":  # DDP when the whole base fits one device, else FSDP
+        d.strategy = "ddp" if plan is None or plan.fits else "fsdp"
+        out(f"strategy: {d.strategy} over {world} processes" + (" (the plan does not fit one device)" * (d.strategy == "fsdp")))
+    recipe = Recipe(cfg, model, tokenizer, train_data, eval_data, out, dist=d)
     result = recipe.run()
     if plan is not None and not cfg.dry_run and not result.interrupted:
         out(peak_report(plan, device, recipe.rss_before_load))
-    if cfg.export and result.adapter_dir is not None:
-        export_after_training(cfg, result, out)
     return result
 
 

@@ -3,6 +3,7 @@
     python scripts/bench_train.py                       # CPU: SmolLM2-135M, seq 512, batch 1, r 16
     python scripts/bench_train.py --device cuda --model DIR --seq 2048 --batch 2 --checkpointing
     python scripts/bench_train.py --write benchmarks/train-cpu.md
+    python scripts/bench_train.py --device cuda --model DIR --pipeline true   # ours with the layer weight pipeline
 
 Each system runs in its own subprocess (so peak memory is its own) on the same packed rows of the
 bundled demo data, LoRA on every linear layer (dropout 0.05), bf16, AdamW (paged 8-bit on CUDA):
@@ -71,7 +72,8 @@ def run_one(system: str, a) -> dict:
             cuda.set_enabled(False)
         cfg = RunConfig.make(model=str(model_dir), lora_r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
                              device=a.device, seed=0, seq_len=a.seq, batch_size=a.batch, lr=2e-4, max_grad_norm=0,
-                             gradient_checkpointing=a.checkpointing, output_dir=tempfile.mkdtemp(), max_steps=len(data))  # fmt: skip
+                             gradient_checkpointing=a.checkpointing, output_dir=tempfile.mkdtemp(), max_steps=len(data),
+                             weight_pipeline=a.pipeline)  # fmt: skip
         recipe = Recipe(cfg, train_data=[{"text": "unused"}] * 2, eval_data=[{"text": "unused"}], out=lambda s: None)
         recipe.setup()
         recipe.model.train()
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--pipeline", default="false", choices=("true", "false"),
+                    help="ours: the layer weight pipeline (weight_pipeline) on or off [false]")
     ap.add_argument("--systems", default=None, help="comma-separated subset of " + ", ".join(SYSTEMS + ("ours-nokernels",)))
     ap.add_argument("--write", default=None, help="also write the table as markdown to this file")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system, print JSON
@@ -175,7 +179,8 @@ def main() -> None:
     ours = next((r for r in results if r["system"] == "ours"), None)
     cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     lines = [f"Training step, {a.model}, seq {a.seq}, batch {a.batch}, LoRA r={a.rank} on all linear layers, "
-             f"checkpointing {'on' if a.checkpointing else 'off'}, {a.steps} timed steps after {a.warmup} warm-up",
+             f"checkpointing {'on' if a.checkpointing else 'off'}, ours with the weight pipeline "
+             f"{'on' if a.pipeline == 'true' else 'off'}, {a.steps} timed steps after {a.warmup} warm-up",
              f"machine: {describe(a.device)}; torch {__import__('torch').__version__}", f"command: `{cmd}`", "",
              "| system | tokens/s | step (s) | peak memory (MiB) | ours / system: speed | memory |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:

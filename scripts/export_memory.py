@@ -27,6 +27,8 @@ from qlora_engine.cli import main
 from qlora_engine.models import hub, loader
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "baseline":
+    if "--format" in args and args[args.index("--format") + 1].startswith("gguf"):
+        import gguf, numpy  # what a GGUF export imports besides
     loader.empty_model(hub.load_config(args[args.index("--model") + 1]), loader.BASE_DTYPE)
 elif main(["export", *args]) != 0:
     sys.exit(1)

@@ -14,7 +14,7 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 stamp=.venv/.qlora_engine-installed
 want=$(cat pyproject.toml setup.py csrc/* | sha256sum | cut -c1-16)
 status=qlora_engine/_lib/BUILD_STATUS.txt
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && python -c "import qlora_engine.cli, gguf, peft, pytest" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && python -c "import qlora_engine.cli, gguf, peft, pytest, fastapi, uvicorn, openai" 2>/dev/null; then
   echo "qlora_engine: already installed, pyproject.toml, setup.py and csrc/ unchanged; last CUDA build: $(tail -n 1 "$status" 2>/dev/null || echo none)"
 else
   # The CUDA library is built here only where nvcc exists; QLORA_ENGINE_BUILD_CUDA=0 skips it.

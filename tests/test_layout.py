@@ -22,6 +22,7 @@ ALLOWED = {
     "plan": {"errors", "machine", "models", "lora", "train"},
     "export": {"errors", "machine", "progress", "quant", "models", "lora", "train"},
     "generate": set(),
+    "serve": {"errors", "quant", "models", "lora", "generate"},
     "run": {"errors", "machine", "models", "lora", "train", "plan", "export", "generate"},
 }  # fmt: skip
 

@@ -132,7 +132,8 @@ def c_data_bad_line(w, t):
 def c_data_not_object(w, t):
     (t / "list.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps(["a", "b"]) + "\n")
     return FT + ["--model", str(w / "model"), "--data", str(t / "list.jsonl")], (
-        f"{t}/list.jsonl:2: a sample must be a JSON object of fields, got a list")
+        f"{t}/list.jsonl:2: a sample must be a JSON object of fields, got a list; fix or remove line 2, or set "
+        "on_bad_sample: skip")
 
 
 def c_data_unknown_columns(w, t):
@@ -147,7 +148,8 @@ def c_data_no_assistant(w, t):
     bad = {"messages": [{"role": "user", "content": "hi"}]}
     (t / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (ok, bad, ok)))
     return FT + ["--model", str(w / "model"), "--data", str(t / "chat.jsonl"), "--eval-data", str(t / "chat.jsonl")], (
-        f"{t}/chat.jsonl: sample 2: a chat sample has no assistant message to learn from")
+        f"{t}/chat.jsonl:2: a chat sample has no assistant message to learn from; fix it or leave it out, or set "
+        "on_bad_sample: skip")
 
 
 def c_data_nothing_to_train(w, t):
@@ -342,15 +344,15 @@ def c_generate_pickle_only(w, t):
 
 def c_unknown_command(w, t):
     return ["finetun"], "unknown command 'finetun'; did you mean finetune? (commands: finetune, plan, quantize, export, " \
-        "generate, ext; see `qlora --help`)"
+        "generate, serve, ext; see `qlora --help`)"
 
 
 CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
 # The cases whose exact message holds a part this machine decides (a parser's wording): matched on a pattern.
 PATTERNS = {
     "config_not_yaml": r"{t}/run.yaml is not valid YAML: .+",
-    "data_bad_line": r"{t}/bad.jsonl:4: not valid JSON \(.+, column \d+\); fix or remove line 4",
-    "data_nothing_to_train": r"{t}/long.jsonl: none of its 3 training samples has a token to train on \(the "
+    "data_bad_line": r"{t}/bad.jsonl:4: not valid JSON \(.+, column \d+\); fix or remove line 4, or set on_bad_sample: skip",
+    "data_nothing_to_train": r"{t}/long.jsonl: none of its 4 training samples has a token to train on \(the "
                              r"first is sample 1\): an empty completion or assistant turn, or one past seq_len 64; check "
                              r"the columns and data_format, or set train_on_prompt: true",
     "config_json_broken": r"{t}/model/config.json is not valid JSON \(line 2\): restore it from the original checkpoint",

@@ -18,6 +18,7 @@ COMMANDS = {
     "quantize": "write a bitsandbytes/transformers 4-bit checkpoint",
     "export": "merge an adapter onto its exactly dequantized base and write a 16-bit checkpoint",
     "generate": "answer a prompt (or chat) with a base + adapter or an export",
+    "serve": "serve a base and many LoRA adapters over an OpenAI-compatible API, batched across adapters",
     "ext": "whether the CUDA kernel library was built and loaded, and why not",
 }
 

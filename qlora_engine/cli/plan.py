@@ -18,6 +18,8 @@ def build_parser(prog: str = "qlora plan"):
     g.add_argument("--gpu-memory", help="capacity instead of a GPU name, e.g. 24GiB")
     g.add_argument("--maximize", choices=("batch", "seq_len", "seq-len", "rank"), help="the largest of these that fits")
     g.add_argument("--margin", type=float, default=0.05, help="fraction of the GPU kept free [0.05]")
+    g.add_argument("--gpus", type=int, default=1, help="GPUs (one process each); with --strategy ddp|fsdp, or auto: "
+                                                       "the plan of each, and which fits [1]")  # fmt: skip
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.add_argument("--list", action="store_true", help="list the GPUs and model presets")
     args.add_run_flags(p)
@@ -28,7 +30,7 @@ def run(argv: list[str]) -> int:
     from ..machine import fmt_bytes, parse_size
     from ..plan import gpus, presets, shapes
     from ..plan.memory import PlanError, plan_memory
-    from ..plan.solver import default_target, solve, suggestions
+    from ..plan.solver import choose_strategy, default_target, solve, suggestions
 
     a = build_parser().parse_args(argv)
     if a.list:
@@ -41,19 +43,28 @@ def run(argv: list[str]) -> int:
     if not 0 <= a.margin < 1:
         raise PlanError(f"--margin must be in [0, 1), got {a.margin}")
     maximize = a.maximize.replace("-", "_") if a.maximize else None
-    explanation = None
+    if a.gpus < 1:
+        raise PlanError(f"--gpus must be at least 1, got {a.gpus}")
+    explanation, strategies = None, None
+    if a.gpus > 1 and cfg.strategy == "auto":
+        chosen, plans = choose_strategy(cfg, cfg.model, capacity, a.gpus, a.margin)
+        strategies = "; ".join(f"{s}{' with the base offloaded' * (p.knobs.offload_base is True)}: {p.verdict()}"
+                               for s, p in plans.items())  # fmt: skip
+        cfg = cfg.replace(strategy=chosen)
     if maximize or "auto" in (cfg.batch_size, cfg.seq_len):
         if capacity is None:
             raise PlanError("choosing batch_size/seq_len/rank needs a GPU: give --gpu NAME or --gpu-memory SIZE")
-        cfg, p, explanation = solve(cfg, cfg.model, capacity, maximize or default_target(cfg), a.margin)
+        cfg, p, explanation = solve(cfg, cfg.model, capacity, maximize or default_target(cfg), a.margin, gpus=a.gpus)
     else:
-        p = plan_memory(cfg, cfg.model, capacity, "cuda", a.margin)
-    tips = [] if p.fits else suggestions(shapes.load_shape(cfg.model), p.knobs, capacity, a.margin)
+        p = plan_memory(cfg, cfg.model, capacity, "cuda", a.margin, a.gpus)
+    tips = [] if p.fits or a.gpus > 1 else suggestions(shapes.load_shape(cfg.model), p.knobs, capacity, a.margin)
     if a.json:
-        extra = {"gpu": gpu and gpu.name, "explanation": explanation, "would_fit": tips}
+        extra = {"gpu": gpu and gpu.name, "explanation": explanation, "would_fit": tips, "strategies": strategies}
         print(json.dumps(p.to_json() | extra, indent=2, default=str))
         return 0
-    print(p.table() + (f"\nGPU: {gpu.name}" if gpu else "") + (f"\nchoice: {explanation}" if explanation else ""))
+    print(p.table() + (f"\nGPU: {gpu.name}" + f" x {a.gpus}" * (a.gpus > 1) if gpu else "")
+          + (f"\nstrategy: {cfg.strategy} ({strategies})" if strategies else "")
+          + (f"\nchoice: {explanation}" if explanation else ""))
     if tips:
         print("would fit:\n  " + "\n  ".join(tips))
     return 0

@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -195,13 +196,19 @@ def _merged_tensor(item: _Item, adapter: Adapter, entries: dict[str, TensorEntry
     return w.to(item.dtype).cpu()
 
 
+def merged_tensors(plan: Plan, adapter: Adapter, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, output tensor on the CPU) for every planned item, in plan order, one at a time."""
+    entries = list_tensors(plan.base)
+    for item in plan.items:
+        yield item.name, _merged_tensor(item, adapter, entries, device)
+
+
 def write_export(plan: Plan, adapter: Adapter, out_dir: Path, max_shard_bytes: int, device="cpu") -> int:
     """Stream every planned tensor into `out_dir` (shards + index); returns the bytes written."""
-    entries = list_tensors(plan.base)
     writer = ShardedWriter(out_dir, [(i.name, i.dtype, i.shape) for i in plan.items], max_shard_bytes)
     bar = Progress(len(plan.items), f"exporting to {out_dir.name.lstrip('.').split('.tmp')[0]}", "tensors")
-    for item in plan.items:
-        writer.write(item.name, _merged_tensor(item, adapter, entries, device))
+    for name, tensor in merged_tensors(plan, adapter, device):
+        writer.write(name, tensor)
         bar.update()
     bar.close()
     writer.close()

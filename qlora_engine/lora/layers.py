@@ -50,7 +50,9 @@ def layer_kind(base: nn.Module) -> str | None:
 
 
 class LoraLayer(nn.Module):
-    """A frozen base layer plus a trainable low-rank update; see the module docstring."""
+    """A frozen base layer plus a trainable low-rank update; see the module docstring. Subclasses
+    define `initial_values()`: (A, B) at the start, drawn from the global RNG in a fixed order, so
+    a sharded model can be initialised exactly as an unsharded one."""
 
     kind = "?"
 
@@ -125,11 +127,14 @@ class LoraEmbedding(LoraLayer):
     def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  dtype: torch.dtype = torch.float32, merge_on_eval: bool = False):  # fmt: skip
         super().__init__(base, r, alpha, 0.0, use_rslora, merge_on_eval)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dtype, device=device))
-        b = torch.empty(base.embedding_dim, r, dtype=torch.float32, device=device)
+        a, b = self.initial_values(base.weight.device)
+        self.lora_A, self.lora_B = nn.Parameter(a.to(dtype)), nn.Parameter(b.to(dtype))
+
+    def initial_values(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) at the start, float32: A zero, B standard normal."""
+        b = torch.empty(self.base_layer.embedding_dim, self.r, dtype=torch.float32, device=device)
         nn.init.normal_(b)
-        self.lora_B = nn.Parameter(b.to(dtype))
+        return torch.zeros(self.r, self.base_layer.num_embeddings, dtype=torch.float32, device=device), b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -154,13 +159,17 @@ class LoraConv(LoraLayer):
         if base.padding_mode != "zeros":
             raise InputError(f"LoRA on a convolution with padding_mode={base.padding_mode!r} is not supported")
         super().__init__(base, r, alpha, dropout, use_rslora, merge_on_eval)
-        device, k = base.weight.device, base.kernel_size
-        a = torch.empty(r, base.in_channels, *k, dtype=torch.float32, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A = nn.Parameter(a.to(dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, r, *([1] * len(k)), dtype=dtype, device=device))
+        a, b = self.initial_values(base.weight.device)
+        self.lora_A, self.lora_B = nn.Parameter(a.to(dtype)), nn.Parameter(b.to(dtype))
         self.conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def initial_values(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) at the start, float32: A Kaiming-uniform, B zero."""
+        c = self.base_layer
+        a = torch.empty(self.r, c.in_channels, *c.kernel_size, dtype=torch.float32, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        return a, torch.zeros(c.out_channels, self.r, *([1] * len(c.kernel_size)), dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

@@ -53,11 +53,14 @@ class LoraLinear(LoraLayer):
                  dtype: torch.dtype = torch.bfloat16, merge_on_eval: bool = False):  # fmt: skip
         super().__init__(base, r, alpha, dropout, use_rslora, merge_on_eval)
         self.in_features, self.out_features = base.in_features, base.out_features
-        device = base.weight.device
-        a = torch.empty(r, self.in_features, dtype=torch.float32, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's (and PEFT's) default for lora_A
-        self.lora_A = nn.Parameter(a.to(dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        a, b = self.initial_values(base.weight.device)
+        self.lora_A, self.lora_B = nn.Parameter(a.to(dtype)), nn.Parameter(b.to(dtype))
+
+    def initial_values(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) at the start, float32: A Kaiming-uniform (nn.Linear's and PEFT's default), B zero."""
+        a = torch.empty(self.r, self.in_features, dtype=torch.float32, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        return a, torch.zeros(self.out_features, self.r, dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = autocast_input(x)

@@ -37,12 +37,13 @@ def peft_key(name: str, kind: str, ab: str) -> str:
     return f"{PEFT_PREFIX}{name}.lora_embedding_{ab}" if kind == "embedding" else f"{PEFT_PREFIX}{name}.lora_{ab}.weight"
 
 
-def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's key names."""
+def peft_state_dict(model: nn.Module, values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT's key names; `values` (by the model's own names, `x.lora_A`)
+    replaces the layers' tensors (e.g. the whole tensors gathered from a sharded model)."""
     out = {}
     for name, layer in lora_layers(model).items():
-        out[peft_key(name, layer.kind, "A")] = layer.lora_A.detach()
-        out[peft_key(name, layer.kind, "B")] = layer.lora_B.detach()
+        for ab, t in (("A", layer.lora_A), ("B", layer.lora_B)):
+            out[peft_key(name, layer.kind, ab)] = values[f"{name}.lora_{ab}"] if values is not None else t.detach()
     return out
 
 
@@ -73,12 +74,13 @@ def adapter_config(model: nn.Module, base_model: str | None) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None,
+                 values: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (+ `extra` as qlora_engine.json) into
     `out_dir`, each file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensorfiles.save_file(out_dir / ADAPTER_WEIGHTS, {k: v.contiguous() for k, v in peft_state_dict(model).items()})
+    tensorfiles.save_file(out_dir / ADAPTER_WEIGHTS, {k: v.contiguous() for k, v in peft_state_dict(model, values).items()})
     tensorfiles.write_text_atomic(out_dir / ADAPTER_CONFIG, json.dumps(adapter_config(model, base_model), indent=2) + "\n")
     if extra:
         tensorfiles.write_text_atomic(out_dir / PROVENANCE, json.dumps(extra, indent=2) + "\n")

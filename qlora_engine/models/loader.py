@@ -81,6 +81,31 @@ def _keep_fp32(model: nn.Module, name: str) -> bool:
     return any(k in name.split(".") or name.startswith(k) for k in keep)
 
 
+class Placer:
+    """Where the loader puts what it reads: every tensor whole, on one device. A sharding placer
+    (`train.distributed`) overrides these to keep only each process's part."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def prepare(self, model: nn.Module, quant_layers: dict[str, QuantSpec]) -> None:
+        """Called once the model skeleton (meta device, NF4 shells) is built, before any tensor is read."""
+
+    def quantized(self, layer: NF4Linear, name: str, packed: torch.Tensor, state) -> None:
+        layer.set_quantized(packed.to(self.device), state.to(self.device))
+
+    def tensor(self, model: nn.Module, name: str, t: torch.Tensor) -> bool:
+        return _set_tensor(model, name, t.to(self.device))
+
+    def unfilled(self, model: nn.Module) -> list[str]:
+        return [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+
+    def finish(self, model: nn.Module) -> None:
+        for name, buf in list(model.named_buffers()):
+            if buf.device != self.device:
+                _set_tensor(model, name, buf.to(self.device))
+
+
 def load_model(
     model: str | Path,
     device: str | torch.device = "cpu",
@@ -88,9 +113,10 @@ def load_model(
     quant: QuantSpec | None = None,
     progress: bool = True,
     allow_pickle: bool = False,
+    placer: Placer | None = None,
 ) -> nn.Module:
     """Load a causal LM (a checkpoint directory or a hub id) with every decoder-block linear in NF4
-    on `device`.
+    on `device` (or wherever `placer` puts it).
 
     Peak host memory: one tensor of the checkpoint plus whatever of the model lives on the host.
     """
@@ -100,7 +126,8 @@ def load_model(
     except ValueError as e:
         raise InputError(str(e)) from None
     model_dir = resolve_model(model, allow_pickle)
-    device = torch.device(device)
+    placer = placer or Placer(device)
+    device = placer.device
     config = load_config(model_dir)
     entries = list_tensors(model_dir, allow_pickle)
     prequant = quantized_prefixes(entries)
@@ -116,6 +143,8 @@ def load_model(
             raise InputError(f"{model_dir}: {name} is quantized in the checkpoint but is a {type(lin).__name__} in the model")
         replace_module(model, name, NF4Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta", dtype=dtype))
     target_set = set(targets)
+    _tie_embeddings(model, config)
+    placer.prepare(model, {n: _layer_spec(entries, n, prequant, quant) for n in targets})
 
     pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized parts waiting for the rest of their layer
     unexpected = []
@@ -130,31 +159,29 @@ def load_model(
             if prequant:
                 parts = pending.setdefault(owner, {})
                 parts[part] = read_tensor(e)
-                _maybe_finish_prequant(layer, owner, parts, pending, device)
+                _maybe_finish_prequant(layer, owner, parts, pending, placer)
             else:
                 w = check_finite(read_tensor(e), e).to(device=device, dtype=dtype)
                 packed, state = ops.quantize_weight(w, quant.blocksize, quant.quant_type, quant.double_quant)
                 del w
-                layer.set_quantized(packed, state)
+                placer.quantized(layer, owner, packed, state)
             continue
         t = read_tensor(e)
         if t.is_floating_point():
             t = check_finite(t, e).to(dtype=torch.float32 if _keep_fp32(model, e.name) else dtype)
-        if not _set_tensor(model, e.name, t.to(device)):
+        if not placer.tensor(model, e.name, t):
             unexpected.append(e.name)
     bar.close()
 
     if pending:
         raise InputError(f"{model_dir}: incomplete 4-bit state for {sorted(pending)[:3]} (missing absmax/quant_map/quant_state keys)")
     _tie_embeddings(model, config)
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing = placer.unfilled(model)
     if missing:
         raise InputError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     if unexpected:
         log.warning("%s: ignored %d checkpoint tensor(s) the model does not have, e.g. %s", model_dir, len(unexpected), unexpected[:3])
-    for name, buf in list(model.named_buffers()):
-        if buf.device != device:
-            _set_tensor(model, name, buf.to(device))
+    placer.finish(model)
     model.requires_grad_(False)
     model.qlora_source = str(model_dir)
     model.qlora_base = "nf4"
@@ -163,7 +190,16 @@ def load_model(
     return model
 
 
-def _maybe_finish_prequant(layer: NF4Linear, owner: str, parts: dict, pending: dict, device) -> None:
+def _layer_spec(entries: dict, name: str, prequant: dict, quant: QuantSpec) -> QuantSpec:
+    """How layer `name` is (or will be) quantized: the checkpoint's own state when it is 4-bit."""
+    if not prequant:
+        return quant
+    blob = next(e for n, e in entries.items() if n.startswith(f"{name}.weight.quant_state.bitsandbytes__"))
+    meta = json.loads(bytes(read_tensor(blob).numpy().tobytes()))
+    return QuantSpec(int(meta["blocksize"]), meta["quant_type"], "nested_offset" in meta)
+
+
+def _maybe_finish_prequant(layer: NF4Linear, owner: str, parts: dict, pending: dict, placer: Placer) -> None:
     blob = [k for k in parts if k.startswith("weight.quant_state.")]
     if "weight" not in parts or not blob:
         return
@@ -171,9 +207,9 @@ def _maybe_finish_prequant(layer: NF4Linear, owner: str, parts: dict, pending: d
     need = {"weight.absmax", "weight.quant_map"} | ({"weight.nested_absmax", "weight.nested_quant_map"} if "nested_offset" in meta else set())
     if not need <= parts.keys():
         return
-    state = nf4.QuantState.from_state_dict(parts, "weight").to(device)
+    state = nf4.QuantState.from_state_dict(parts, "weight")
     try:
-        layer.set_quantized(parts["weight"].to(device), state)
+        placer.quantized(layer, owner, parts["weight"], state)
     except ValueError as e:
         raise InputError(f"{owner}: {e}") from None
     del pending[owner]
@@ -184,8 +220,8 @@ def _tie_embeddings(model: nn.Module, config) -> None:
     if not getattr(text_config, "tie_word_embeddings", False):
         return
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is not None and inp is not None and out.weight.is_meta:
-        out.weight = inp.weight
+    if out is not None and inp is not None and out.weight is not inp.weight:
+        out.weight = inp.weight  # before sharding (one shared parameter) and again after a load replaced it
 
 
 def _load_generation_config(model: nn.Module, model_dir: Path) -> None:

@@ -384,8 +384,8 @@ def write_manifest(d: Path) -> dict:
     """manifest.json in `d`: every other file's size and sha256, so that a reader can tell an intact
     directory from one a crash or a full disk cut short."""
     d = Path(d)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}  # fmt: skip
+    files = {str(p.relative_to(d)): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(d.rglob("*")) if p.is_file() and p.name != MANIFEST}  # fmt: skip
     write_text_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
     return files
 
@@ -442,7 +442,7 @@ def remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _fsync_tree(d: Path) -> None:
+def fsync_tree(d: Path) -> None:
     for p in sorted(d.rglob("*"), key=lambda p: -len(p.parts)):
         if p.is_file() and not p.is_symlink():
             with open(p, "rb") as f:
@@ -501,7 +501,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

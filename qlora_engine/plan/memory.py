@@ -5,8 +5,11 @@ It follows the engine's code tensor by tensor (`scripts/validate_plan.py` checks
 steps): packed NF4 weights and constants, LoRA parameters, their gradients and optimizer states
 (torch AdamW; bitsandbytes 8-bit blockwise / 32-bit, and which states bnb pages), what autograd
 saves per decoder block (`shapes.block_activations`), checkpointing and offload
-(`train.recompute`), and the chunked loss's buffers, measured by running `train.loss`'s own
-forward on the meta device (`loss_buffers`). GPU-only terms (CUDA context, allocator slack, cuBLAS
+(`train.recompute`), the chunked loss's buffers, measured by running `train.loss`'s own
+forward on the meta device (`loss_buffers`), and the base's weights during training
+(`train.weights`): the weight pipeline's double buffer, an offloaded base's host RAM and PCIe
+traffic, and the choice "auto" makes for each (registered with `train.weights` on import, so a
+recipe's "auto" is this plan's decision). GPU-only terms (CUDA context, allocator slack, cuBLAS
 workspace) are modelled, and the table says so. Reads `train.config`, `train.optim` (optimizer
 names) and `train.loss`; never touches CUDA.
 """
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import InputError
 from ..machine import fmt_bytes
+from ..train import weights as train_weights
 from ..train.config import RunConfig
 from . import shapes
 
@@ -26,6 +30,7 @@ CUDA_CONTEXT = 512 * 2**20  # modelled: driver context + kernel images of torch,
 CUBLAS_WORKSPACE = 32 * 2**20  # modelled: cuBLAS/cuBLASLt workspaces, taken from the caching allocator
 ALLOCATOR_SLACK = 0.05  # modelled: reserved-but-unallocated share of the transient peak (fragmentation)
 HOST_BASELINE = 3 * 2**30  # modelled: the Python process with torch, CUDA libraries, tokenizer, data
+PCIE_BYTES_PER_S = 25e9  # assumed host-to-GPU copy bandwidth of an offloaded base: PCIe 4.0 x16 (32 GB/s raw), pinned
 PAGED_MIN_NUMEL = 100_000  # bnb get_state_buffer: states of smaller tensors are ordinary device tensors
 MIN_8BIT_NUMEL = 4096  # bnb min_8bit_size: smaller parameters keep 32-bit states
 RANKS = (8, 16, 32, 64, 128)
@@ -59,6 +64,10 @@ class Knobs:
     device: str  # "cuda" or "cpu": which engine paths run (dropout masks, dequantize temporaries, paging)
     grad_accum: int = 1
     target_fraction: float = 1.0  # share of positions with a target (the planner assumes all: train_on_prompt)
+    gpus: int = 1  # processes (one per GPU) sharing the run; batch is per process
+    strategy: str = "ddp"  # ddp (each holds the base) or fsdp (the base, adapters and optimizer sharded)
+    weight_pipeline: bool | str = False  # True, False or "auto" (plan_knobs decides, see choose_weights)
+    offload_base: bool | str = False  # the NF4 blocks in pinned host memory, copied through the pipeline
 
 
 @dataclass
@@ -113,9 +122,12 @@ class Plan:
         ckpt = ("on" + (" + offload" if k.offload else "")) if k.checkpointing else "off"
         line = "  {:<62} {:>11}  {:<10} {}".format
         dtype = "bf16" if k.lora_bytes == 2 else "fp32"
+        base = f"{k.base} base" + (" (offloaded)" if k.offload_base is True else "")
+        pipe = {True: "on", False: "off"}.get(k.weight_pipeline, k.weight_pipeline)
         rows = [f"{self.model}: batch {k.batch} x seq {k.seq}, LoRA r={k.rank} ({dtype})"
-                f" on {k.targets}, {k.optim}, checkpointing {ckpt}, loss chunk {k.loss_chunk}, {k.base} base, "
-                f"planned for {k.device}", line("component", "bytes", "basis", "note"), "-" * 110]  # fmt: skip
+                f" on {k.targets}, {k.optim}, checkpointing {ckpt}, loss chunk {k.loss_chunk}, {base}, "
+                f"weight pipeline {pipe}, planned for {k.device}", line("component", "bytes", "basis", "note"),
+                "-" * 110]  # fmt: skip
         for phase, title in PHASES.items():
             comps = [c for c in self.components if c.phase == phase]
             rows += [f"[{title}]"] * bool(comps) + [line(c.name, fmt_bytes(c.bytes), c.basis, c.note) for c in comps]
@@ -293,7 +305,7 @@ class LiveBytes:
 # the whole step
 
 
-def knobs_from(cfg: RunConfig, device: str = "cuda") -> Knobs:
+def knobs_from(cfg: RunConfig, device: str = "cuda", gpus: int = 1) -> Knobs:
     """The knobs of `cfg` as the trainer resolves them on `device` ("cuda" or "cpu")."""
     import torch
 
@@ -309,7 +321,9 @@ def knobs_from(cfg: RunConfig, device: str = "cuda") -> Knobs:
                  dropout=float(cfg.lora_dropout), optim=name, checkpointing=ckpt,
                  offload=bool(cfg.offload_activations) and ckpt and device == "cuda", loss_chunk=int(cfg.loss_chunk),
                  base=cfg.base, blocksize=int(cfg.blocksize), double_quant=bool(cfg.double_quant),
-                 packing=bool(cfg.packing), device=device, grad_accum=int(cfg.grad_accum))  # fmt: skip
+                 packing=bool(cfg.packing), device=device, grad_accum=int(cfg.grad_accum), gpus=int(gpus),
+                 strategy=cfg.strategy if cfg.strategy != "auto" else "ddp", weight_pipeline=cfg.weight_pipeline,
+                 offload_base=cfg.offload_base)  # fmt: skip
 
 
 def check_settings(shape: shapes.ModelShape, k: Knobs) -> None:
@@ -336,11 +350,16 @@ def plan_knobs(shape: shapes.ModelShape, k: Knobs, capacity: int | None = None, 
     """
     check_settings(shape, k)
     dev, L, H, V, a = k.device, shape.layers, shape.hidden, shape.vocab, BF16
+    fsdp = k.gpus > 1 and k.strategy == "fsdp"
+    unable = (fsdp or k.base != "nf4") and (k.weight_pipeline or k.offload_base)
+    if "auto" in (k.weight_pipeline, k.offload_base) or unable:
+        return choose_weights(shape, k, capacity, margin)
     M = k.batch * k.seq
     N = max(1, int(round(M * k.target_fraction)))
     t: dict[str, int] = {}  # stable keys for code (validation, tests); the components carry the words
     comps = weight_parts(shape, k)
     t["weights"], t["dense"] = comps[0].bytes, comps[1].bytes
+    comps += _pipeline_parts(shape, k, comps, t)
     numels = lora_tensors(shape, k)
     t["lora"] = t["grads"] = sum(_r(n * k.lora_bytes, dev) for n in numels)
     t["optimizer"], t["paged"], opt_note = optimizer_parts(numels, k)
@@ -350,7 +369,13 @@ def plan_knobs(shape: shapes.ModelShape, k: Knobs, capacity: int | None = None, 
          f"{sum(numels) / 1e6:.1f}M params"),
         (f"optimizer states on the device ({k.optim})", t["optimizer"], "validated", opt_note)]
         + [("cuBLAS workspace", CUBLAS_WORKSPACE, "modelled")] * (dev == "cuda"))  # fmt: skip
-    act = shapes.block_activations(shape, k.batch, k.seq, k.rank, k.targets, k.dropout, dev, k.packing, k.base)
+    dist_fwd, dist_bwd = _distributed(comps, t, shape, k)
+    # with the pipeline on CUDA the matmuls read its buffer: no per-call dequantized weight (as with a bf16 base)
+    per_call = "bf16" if k.weight_pipeline and dev == "cuda" else k.base
+    act = shapes.block_activations(shape, k.batch, k.seq, k.rank, k.targets, k.dropout, dev, k.packing, per_call)
+    if dev == "cuda" and shape.attn_impl == "varlen":  # train.attention's flash varlen call: its output is o_proj's input
+        extra = act.saved.pop("LoRA input: attention out", 0)
+        act = replace(act, after_attention=act.after_attention - extra)
     t["layer"], t["rotary"], t["inputs"] = sum(act.saved.values()), act.rotary, L * M * H * a
     t["grad_h"], loss_peak = loss_buffers(N, H, V, min(k.loss_chunk, N), bool(shape.final_logit_softcapping), a)
     t["loss"] = t["grad_h"] + loss_peak
@@ -374,7 +399,7 @@ def plan_knobs(shape: shapes.ModelShape, k: Knobs, capacity: int | None = None, 
                   ("attention masks", act.masks, "modelled")]
         in_bwd = blocks
     capped = ", soft-capped" if shape.final_logit_softcapping else ""
-    fwd = _rows("forward", blocks + grads + [
+    fwd = _rows("forward", dist_fwd + blocks + grads + [
         ("final norm saved + target mask", t["head"], "validated"),
         ("final hidden + selected target rows", M * H * a + N * H * a, "modelled", "live while the loss runs"),
         (f"loss: grad_h [{N} x {H}] + chunk logits", t["loss"], "validated",
@@ -385,11 +410,12 @@ def plan_knobs(shape: shapes.ModelShape, k: Knobs, capacity: int | None = None, 
     worst = max(work, key=work.get)
     others = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in work.items() if n != worst)
     step_tmp = 2 * max(n * k.lora_bytes for n in numels) if k.optim == "adamw" and dev == "cpu" else 0
-    bwd = _rows("backward", in_bwd + [
+    bwd = _rows("backward", dist_bwd + in_bwd + [
         ("working set of one block (the largest of three)", work[worst], "modelled", f"{worst}; {others}"),
         ("LoRA grads" + (" (accumulating)" if all_grads else ": the last block's"),
          t["grads"] if all_grads else t["grads"] // L, "validated")])
-    stp = _rows("step", [("LoRA grads (all)", t["grads"], "validated", "same dtype as the params"),
+    stp = _rows("step", [("LoRA grads (all)" + (f", 1/{k.gpus} each (FSDP)" if fsdp else ""),
+                          -(-t["grads"] // k.gpus) if fsdp else t["grads"], "validated", "same dtype as the params"),
                          ("optimizer step temporaries", step_tmp, "modelled", "torch AdamW on the CPU: per tensor")])
     comps += [c for c in fwd + bwd + stp if c.bytes or c.basis == "validated"]
     persistent = sum(c.bytes for c in comps if c.phase == "persistent")
@@ -415,18 +441,163 @@ def plan_knobs(shape: shapes.ModelShape, k: Knobs, capacity: int | None = None, 
     comps += _rows("host", [("process: torch, CUDA libraries, tokenizer, data", HOST_BASELINE, "modelled"),
                             ("loader: the largest checkpoint tensor", loader, "modelled", "read one at a time")]
                    + [("paged optimizer states, if all evicted", t["paged"], "modelled")] * bool(t["paged"])
-                   + [("offloaded block inputs (pinned)", t["inputs"], "modelled")] * k.offload)  # fmt: skip
+                   + [("offloaded block inputs (pinned)", t["inputs"], "modelled")] * k.offload
+                   + [("NF4 base, offloaded (pinned)", t.get("nf4_host", 0), "modelled",
+                       "codes + constants of every block")] * bool(k.offload_base))  # fmt: skip
+    notes += _pipeline_notes(shape, k, t)
     if shape.attn_impl != "varlen":
         notes.append(f"attention runs transformers' {shape.attn_impl} path (sliding window / soft-capping): "
                      "T² terms per block")
+    if k.gpus > 1:
+        notes.append(f"per GPU, with {k.gpus} processes ({k.strategy}); host RAM for all {k.gpus} processes of a node")
+        for c in comps:
+            if c.phase == "host":
+                c.bytes *= k.gpus
     host = sum(c.bytes for c in comps if c.phase == "host")
     return Plan(shape.name, k, comps, capacity, margin, peak, phase, total, host, t["paged"], notes, t)
 
 
+def block_weight_bytes(shape: shapes.ModelShape, k: Knobs) -> tuple[int, int]:
+    """(bf16 bytes, NF4 bytes with constants) of one decoder block's linear weights: what the weight
+    pipeline dequantizes per block, and what an offloaded base copies per block."""
+    elems = [x.in_features * x.out_features for x in shape.linears]
+    return BF16 * sum(elems), sum(sum(nf4_tensor_bytes(n, k.blocksize, k.double_quant)) for n in elems)
+
+
+def _pipeline_parts(shape: shapes.ModelShape, k: Knobs, comps: list[Component], t: dict) -> list[Component]:
+    """The weight pipeline's double buffer (`quant.pipeline`: 2 slots, each the largest block's
+    weights in bf16); with an offloaded base, the NF4 weights row becomes the two staging rows the
+    blocks are copied into, and t["nf4_host"] the bytes kept in host memory."""
+    if not k.weight_pipeline:
+        return []
+    bf16, nf4 = block_weight_bytes(shape, k)
+    slots = train_weights.SLOTS
+    t["double_buffer"] = _r(slots * bf16, k.device)
+    rows = [Component(f"weight pipeline: {slots} x the largest block's bf16 weights", t["double_buffer"], "persistent",
+                      "modelled", f"one block {fmt_bytes(bf16)}, dequantized one block ahead")]
+    if k.offload_base:
+        t["nf4_host"], t["weights"] = t["weights"], _r(slots * nf4, k.device)
+        comps[0] = Component(f"NF4 staging: {slots} blocks' codes + constants (base offloaded)", t["weights"],
+                             "persistent", "modelled", f"one block {fmt_bytes(nf4)}; the base is in host RAM")
+    return rows
+
+
+def _pipeline_notes(shape: shapes.ModelShape, k: Knobs, t: dict) -> list[str]:
+    """What the weight pipeline costs per optimizer step: dequantize passes, and with an offloaded
+    base the PCIe bytes and the step time they bound (t["pcie_bytes"], t["pcie_seconds"])."""
+    if not k.weight_pipeline:
+        return []
+    L = shape.layers
+    loads = train_weights.block_loads(L) * k.grad_accum
+    per_call = (3 if k.checkpointing else 2) * L * k.grad_accum
+    notes = [f"weight pipeline: {loads} block dequantize passes per optimizer step ({k.grad_accum} x forward + "
+             f"backward of {L} blocks; the recompute shares the backward's), {per_call} without it"]
+    if k.offload_base:
+        _, nf4 = block_weight_bytes(shape, k)
+        t["pcie_bytes"] = loads * nf4
+        t["pcie_seconds"] = t["pcie_bytes"] / PCIE_BYTES_PER_S
+        tokens = k.batch * k.seq * k.grad_accum
+        bound = "every block stays in the slots"
+        if loads:
+            bound = f"the step takes at least {t['pcie_seconds']:.2f} s, at most {tokens / t['pcie_seconds']:,.0f} tokens/s"
+        notes.append(f"base offloaded: {fmt_bytes(t['pcie_bytes'])} cross PCIe per optimizer step ({loads} block "
+                     f"copies of {fmt_bytes(nf4)}); at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s (PCIE_BYTES_PER_S) {bound}")
+    return notes
+
+
+def choose_weights(shape: shapes.ModelShape, k: Knobs, capacity: int | None, margin: float) -> Plan:
+    """The plan with "auto" (and impossible) weight settings decided, and a note saying what and why.
+
+    Off under FSDP (it gathers the blocks itself) and for a 16-bit base. offload_base auto: on
+    CUDA, when the weights do not fit: the NF4 base, the 16-bit parameters, the double buffer and
+    the CUDA context above the usable memory. weight_pipeline auto: on CUDA, on when the plan with
+    it fits and leaves the paged optimizer states resident beside it (always with an offloaded
+    base, which needs it); batch and sequence are chosen first (the solver's searches see the
+    plan without it when it does not fit), since a longer M shrinks what the dequantize costs."""
+    fsdp = k.gpus > 1 and k.strategy == "fsdp"
+    plain = replace(k, weight_pipeline=False, offload_base=False)
+    if fsdp or k.base != "nf4":
+        p = plan_knobs(shape, plain, capacity, margin)
+        p.notes.append("weight pipeline: off " + ("under FSDP (it gathers each block itself)" if fsdp else
+                                                 f"(the base is {k.base})"))
+        return p
+    usable = None if capacity is None else int(capacity * (1 - margin))
+    off = k.offload_base
+    why_off = ""
+    if off == "auto" and k.device != "cuda":
+        off, why_off = False, "offload_base auto: off on the CPU"
+    elif off == "auto":
+        bf16, _ = block_weight_bytes(shape, k)
+        resident = sum(c.bytes for c in weight_parts(shape, k)) + train_weights.SLOTS * bf16 + CUDA_CONTEXT
+        off = usable is not None and resident > usable
+        why_off = (f"offload_base auto: {'on' if off else 'off'}: the weights ({fmt_bytes(resident)} with the buffer "
+                   f"and the CUDA context) {'do not fit' if off else 'fit'}")
+        why_off += f" {fmt_bytes(usable)} usable" if usable else ""
+    pipe = True if off else k.weight_pipeline
+    if pipe == "auto":
+        if k.device == "cuda":
+            p = plan_knobs(shape, replace(k, weight_pipeline=True, offload_base=off), capacity, margin)
+            if p.fits and (capacity is None or p.total + p.paged_bytes <= capacity):
+                p.notes.append("weight_pipeline auto: on: the plan has room for its buffer"
+                               + f"; {why_off}" * bool(why_off))
+                return p
+            why = f"off: no room for its {fmt_bytes(p.terms['double_buffer'])} buffer beside this plan"
+        else:
+            why = "off on the CPU"
+        p = plan_knobs(shape, replace(k, weight_pipeline=False, offload_base=off), capacity, margin)
+        p.notes.append(f"weight_pipeline auto: {why}" + f"; {why_off}" * bool(why_off))
+        return p
+    p = plan_knobs(shape, replace(k, weight_pipeline=bool(pipe), offload_base=bool(off)), capacity, margin)
+    if why_off:
+        p.notes.append(why_off)
+    return p
+
+
+def _distributed(comps: list[Component], t: dict, shape: shapes.ModelShape, k: Knobs) -> tuple[list, list]:
+    """What several processes change, per GPU: DDP adds its gradient buckets (a copy of the LoRA
+    gradients); FSDP divides the weights, adapters and optimizer state by the number of processes
+    (each persistent row becomes one shard) and gathers two blocks at a time (the one computing and
+    the next, prefetched), the root's parameters during the forward, and one block's unsharded
+    gradients before their reduce-scatter. Returns the rows to add to the forward and backward."""
+    if k.gpus <= 1:
+        return [], []
+    if k.strategy == "ddp":
+        comps.append(Component("DDP gradient buckets (a copy of the LoRA grads)", t["grads"], "persistent", "modelled"))
+        return [], []
+    n, L = k.gpus, shape.layers
+    block = (t["weights"] + BF16 * L * shape.block_dense_elems + t["lora"]) // L
+    root = BF16 * shape.outer_dense_elems
+    for c in comps:
+        if c.phase == "persistent" and c.name != "cuBLAS workspace":
+            c.bytes = -(-c.bytes // n)
+            c.note = (c.note + "; " if c.note else "") + f"1/{n}: an FSDP shard"
+    for key in ("weights", "dense", "lora", "optimizer"):
+        t[key] = -(-t[key] // n)
+    gathered = ("FSDP: two blocks gathered (computing + prefetched)", 2 * block, "modelled", "NF4 codes, scales, norms, LoRA")
+    fwd = [gathered, ("FSDP: the root's parameters gathered (embeddings, final norm, head)", root - -(-root // n),
+                      "modelled")]  # fmt: skip
+    bwd = [gathered, ("FSDP: one block's LoRA grads unsharded + reduce-scatter output", 2 * t["lora"] * n // L, "modelled")]
+    return fwd, bwd
+
+
 def plan_memory(cfg: RunConfig, model, device_bytes: int | None = None, device: str = "cuda",
-                margin: float = 0.05) -> Plan:
+                margin: float = 0.05, gpus: int = 1) -> Plan:
     """The memory plan of `cfg` for `model` (preset name, config dict/object, config.json or checkpoint dir).
 
     `device_bytes`: the GPU's capacity (None: no verdict). `device`: "cuda" plans the GPU paths,
     "cpu" the CPU ones (what `scripts/validate_plan.py` measures)."""
-    return plan_knobs(shapes.load_shape(model), knobs_from(cfg, device), device_bytes, margin)
+    return plan_knobs(shapes.load_shape(model), knobs_from(cfg, device, gpus), device_bytes, margin)
+
+
+def recipe_choice(cfg: RunConfig, model, device, processes: int = 1) -> tuple[bool, bool, str]:
+    """What a recipe's "auto" weight settings become on `device` (a torch.device): this plan's choice
+    against the GPU's total memory. Registered with `train.weights` below."""
+    import torch
+
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    p = plan_memory(cfg, model, capacity, device.type, gpus=processes)
+    said = [n for n in p.notes if n.startswith(("weight_pipeline auto", "offload_base auto"))]
+    return bool(p.knobs.weight_pipeline), bool(p.knobs.offload_base), "; ".join(said) or "the memory plan"
+
+
+train_weights.register_planner(recipe_choice)

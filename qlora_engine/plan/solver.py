@@ -38,6 +38,11 @@ def suggestions(shape: shapes.ModelShape, k: Knobs, capacity: int, margin: float
         tries.append(("optim paged_adamw_8bit", replace(k, optim="paged_adamw_8bit")))
     if k.batch > 1:
         tries.append(("batch_size 1", replace(k, batch=1)))
+    fsdp = k.gpus > 1 and k.strategy == "fsdp"
+    if k.weight_pipeline is True and k.offload_base is not True:
+        tries.append(("weight_pipeline false", replace(k, weight_pipeline=False)))
+    if k.device == "cuda" and k.base == "nf4" and k.offload_base is not True and not fsdp:
+        tries.append(("offload_base true (the base in host RAM, PCIe-bound)", replace(k, offload_base=True)))
     out = [f"{label}: {fmt_bytes(plan_knobs(shape, kk, capacity, margin).total)} ({'fits' if fits(kk) else 'too big'})"
            for label, kk in tries]
     step = 128 if k.seq > 128 else 8
@@ -59,7 +64,7 @@ def default_target(cfg: RunConfig) -> str:
 
 
 def solve(cfg: RunConfig, model, device_bytes: int, maximize: str = "batch", margin: float = 0.05,
-          device: str = "cuda", max_batch: int = 1024) -> tuple[RunConfig, Plan, str]:
+          device: str = "cuda", max_batch: int = 1024, gpus: int = 1) -> tuple[RunConfig, Plan, str]:
     """Choose what `maximize` names ("batch", "seq_len" or "rank") as large as fits `device_bytes`.
 
     An "auto" seq_len is chosen first: the longest multiple of 128 that fits at the given batch
@@ -74,7 +79,7 @@ def solve(cfg: RunConfig, model, device_bytes: int, maximize: str = "batch", mar
     b0 = 1 if cfg.batch_size == "auto" else int(cfg.batch_size)
     max_seq = shape.max_positions or 131072
     k = knobs_from(cfg.replace(batch_size=b0, seq_len=min(max_seq, 512) if cfg.seq_len == "auto" else cfg.seq_len),
-                   device)
+                   device, gpus)
     check_settings(shape, k)
     step = 128 if max_seq >= 128 else 8
     why: list[str] = []
@@ -185,3 +190,15 @@ def plan_run(cfg: RunConfig | None = None, *, gpu: str | None = None, gpu_memory
         p.notes.append(why)
         return p
     return plan_memory(cfg, cfg.model, capacity, device, margin)
+
+
+def choose_strategy(cfg: RunConfig, model, capacity: int | None, gpus: int, margin: float = 0.05,
+                    device: str = "cuda") -> tuple[str, dict[str, Plan]]:
+    """With several GPUs: DDP when its plan fits with the whole base on each GPU, else FSDP when it
+    fits, else DDP with the base offloaded to host RAM (offload_base auto; PCIe-bound) when that
+    fits; and both plans."""
+    plans = {s: plan_memory(cfg.replace(strategy=s), model, capacity, device, margin, gpus) for s in ("ddp", "fsdp")}
+    ddp, fsdp = plans["ddp"], plans["fsdp"]
+    if ddp.fits and ddp.knobs.offload_base is not True:
+        return "ddp", plans
+    return ("ddp" if ddp.fits and not fsdp.fits else "fsdp"), plans

@@ -2,7 +2,8 @@
 
 Its 4-bit matmuls run through the custom ops (`ops.matmul_4bit` forward, `ops.matmul_4bit_t`
 backward), so the CUDA kernels apply when they are loaded. No dequantized weight is kept alive
-between forward and backward.
+between forward and backward, unless a `pipeline.WeightPipeline` runs: it sets `layer.pipeline`, and
+the matmuls then multiply with the block's weight it dequantized ahead into its buffer.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class NF4Linear(nn.Module):
         self.quant_type = state.quant_type
         self.offset = state.offset
         self.weight_dtype = state.dtype
+        if self.pipeline is not None:
+            self.pipeline.invalidate()
 
     def quant_state(self) -> nf4.QuantState:
         return nf4.QuantState(
@@ -80,14 +83,18 @@ class NF4Linear(nn.Module):
                                    self.offset, self.blocksize, [self.out_features, self.in_features],
                                    dtype or self.weight_dtype)  # fmt: skip
 
+    pipeline = None  # the pipeline.WeightPipeline holding this layer's dequantized weight, when one runs
+
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """x · Wᵀ (+ bias), no autograd: the forward of this layer for a 2-D input."""
-        y = ops.matmul_4bit(x2d, *self._args())
+        w = None if self.pipeline is None else self.pipeline.weight(self, x2d)
+        y = ops.matmul_4bit(x2d, *self._args()) if w is None else x2d @ w.t()  # the reference op's own arithmetic
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def matmul_t(self, dy2d: torch.Tensor) -> torch.Tensor:
         """dy · W, no autograd: the input gradient of this layer for a 2-D output gradient."""
-        return ops.matmul_4bit_t(dy2d, *self._args())
+        w = None if self.pipeline is None else self.pipeline.weight(self, dy2d)
+        return ops.matmul_4bit_t(dy2d, *self._args()) if w is None else dy2d @ w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = autocast_input(x)

@@ -28,11 +28,12 @@ from ..lora.inject import lora_layers
 from ..models import tensorfiles
 
 CHECKPOINTS = "checkpoints"
-FILES = ("optimizer.pt", "state.pt", peft_format.ADAPTER_WEIGHTS, peft_format.ADAPTER_CONFIG)
+FILES = ("state.pt", peft_format.ADAPTER_WEIGHTS, peft_format.ADAPTER_CONFIG)  # + optimizer.pt, or dcp/ (FSDP)
 # Keys that may differ between a checkpoint and the run that resumes it: none of them changes what
 # the steps compute (the run may be extended, or its reporting changed).
 RESUME_FREE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints",
-               "resume", "dry_run", "sample_prompt", "sample_max_new_tokens", "export", "output_dir", "device"}  # fmt: skip
+               "resume", "dry_run", "sample_prompt", "sample_max_new_tokens", "export", "output_dir", "device",
+               "dist_timeout", "weight_pipeline", "offload_base"}  # fmt: skip
 
 
 @dataclass
@@ -117,6 +118,8 @@ def damage(path: Path) -> str | None:
     why = tensorfiles.verify_manifest(path)
     if why is None:
         missing = [f for f in FILES if not (path / f).is_file()]
+        if not (path / "optimizer.pt").is_file() and not (path / "dcp" / ".metadata").is_file():
+            missing.append("optimizer.pt")
         why = f"{missing[0]} is missing" if missing else None
     return why
 

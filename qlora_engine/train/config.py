@@ -35,6 +35,8 @@ class ModelConfig:
     quant_type: str = knob("nf4", "4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = knob(True, "quantize the block scales too (4.127 instead of 4.5 bits/param)")
     device: str = knob("auto", "cuda, cpu, or auto (cuda when available)")
+    dtype: str = knob("bf16", "dtype the base is built in and computes in (fp32: exact comparisons, twice the memory)",
+                      choices=("bf16", "fp32"))
 
 
 @dataclass
@@ -53,14 +55,25 @@ class DataConfig:
                      "dataset id (org/name[@revision]), or demo")
     data_split: str = knob("train", "split of a hub dataset or of a saved DatasetDict")
     data_subset: str | None = knob(None, "subset (configuration) of a hub dataset")
-    eval_data: str | None = knob(None, "held-out data (file, directory or hub id); default: split off eval_fraction of data")
+    eval_data: str | None = knob(None, "held-out data (file, directory or hub id); default: none, or eval_fraction of data")
     eval_split: str | None = knob(None, "split of eval_data (default: validation, else test, else train)")
-    eval_fraction: float = knob(0.1, "fraction of data held out for eval when eval_data is not given")
+    eval_fraction: float = knob(0.0, "fraction of data held out for eval (not trained on) when eval_data is not given; "
+                                "0: hold out nothing")
+    eval_max_samples: int = knob(1000, "evaluate on at most this many samples (0 = all)")
+    eval_max_tokens: int | str = knob("auto", "evaluate on at most this many tokens (0 = all), bounding what each eval "
+                                      "costs; auto: 8192 on a CPU (about 15 s for SmolLM2-135M), 262144 on a GPU")
     data_format: str = knob("auto", "sample format", choices=("auto", "alpaca", "chat", "prompt_completion", "text", "tokens"))
     seq_len: int | str = knob(512, "tokens per row, or auto (the longest that fits the GPU)")
     packing: bool = knob(True, "pack several samples per row (no attention or positions shared between them)")
     train_on_prompt: bool = knob(False, "also compute the loss on prompt tokens")
     max_samples: int | None = knob(None, "use at most this many training samples")
+    on_bad_sample: str = knob("error", "a malformed line or sample: error (stop, naming its line) or skip (count it)",
+                              choices=("error", "skip"))
+    data_cache_dir: str | None = knob(None, "where prepared data is kept (default: HF_DATASETS_CACHE/qlora_engine)")
+    rebuild_data: bool = knob(False, "prepare the data again even when the cache has it")
+    data_num_proc: int = knob(0, "processes that prepare the data (0 = one per core)")
+    streaming: bool = knob(False, "read data as a stream (larger than RAM or disk): packed on the fly, needs max_steps")
+    stream_buffer: int = knob(10000, "streaming: samples packed together (bounds memory)")
 
 
 @dataclass
@@ -78,6 +91,12 @@ class TrainConfig:
     optim: str = knob("auto", "optimizer", choices=("auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw"))
     gradient_checkpointing: bool | str = knob("auto", "recompute each decoder layer in backward (auto: on for CUDA)")
     offload_activations: bool = knob(False, "with checkpointing, keep the saved layer inputs in pinned host memory")
+    weight_pipeline: bool | str = knob("auto", "dequantize each decoder block's NF4 weights once into a reused 16-bit "
+                                       "double buffer, one block ahead (CUDA: on a side stream, behind the compute); "
+                                       "auto: on CUDA when the memory plan has room for it")
+    offload_base: bool | str = knob("auto", "keep the NF4 base in pinned host memory and copy each block to the GPU one "
+                                    "block ahead, through the weight pipeline (a 70B on one 24 GB GPU, PCIe-bound); "
+                                    "auto: when the weights do not fit the GPU")
     loss_chunk: int = knob(1024, "tokens per chunk of the cross-entropy (bounds the fp32 logits buffer)")
     eval_every: int = knob(0, "evaluate every N optimizer steps (0 = only at the start and end)")
     eval_batch_size: int = knob(0, "rows per eval batch (0 = batch_size)")
@@ -90,6 +109,10 @@ class TrainConfig:
     sample_prompt: str | None = knob(None, "a question answered before and after training")
     sample_max_new_tokens: int = knob(64, "tokens generated for the sample answer")
     export: bool = knob(False, "after training, export the merged 16-bit model to output_dir/merged")
+    strategy: str = knob("auto", "with several processes (torchrun / accelerate launch): ddp (each holds the base) or "
+                         "fsdp (the base sharded); auto: ddp when the plan fits one device, else fsdp",
+                         choices=("auto", "ddp", "fsdp"))
+    dist_timeout: int = knob(600, "seconds a process waits in a collective before giving up on the others")
 
 
 CONCERNS = (ModelConfig, LoraConfig, DataConfig, TrainConfig)
@@ -242,10 +265,15 @@ def validate(cfg: RunConfig) -> None:
         (cfg.grad_accum >= 1, f"grad_accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
         (cfg.max_steps >= 0 and cfg.epochs > 0, "max_steps must be >= 0 and epochs > 0"),
-        (0 < cfg.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}"),
+        (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
+        (cfg.eval_max_samples >= 0 and (cfg.eval_max_tokens == "auto" or cfg.eval_max_tokens >= 0),
+         "eval_max_samples and eval_max_tokens must be >= 0 (eval_max_tokens may be auto)"),
+        (cfg.stream_buffer >= 1 and cfg.data_num_proc >= 0, "stream_buffer must be >= 1 and data_num_proc >= 0"),
         (cfg.warmup >= 0, f"warmup must be >= 0, got {cfg.warmup}"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}"),
         (cfg.loss_chunk >= 16, f"loss_chunk must be at least 16 tokens, got {cfg.loss_chunk}"),
+        (not (cfg.offload_base is True and cfg.weight_pipeline is False), "offload_base true copies the base through "
+         "the weight pipeline: set weight_pipeline true or auto (or offload_base false)"),
     ]
     for ok, msg in checks:
         if not ok:

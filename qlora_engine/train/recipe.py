@@ -25,13 +25,13 @@ from torch import nn
 from .. import machine
 from ..errors import InputError, RunError
 from ..lora import peft_format
-from ..lora.inject import add_lora, lora_layers, trainable_parameters
+from ..lora.inject import add_lora, lora_layers, mark_only_lora_as_trainable, trainable_parameters
 from ..models import tensorfiles
 from ..models.hub import load_config, load_tokenizer, parse_hub_id, resolve_model
 from ..models.tensorfiles import list_tensors
-from ..models.loader import BASE_DTYPE, QuantSpec, load_dense, load_model
+from ..models.loader import QuantSpec, load_dense, load_model
 from ..progress import Progress
-from . import attention, optim, recompute
+from . import attention, distributed, optim, recompute, weights
 from . import data as data_mod
 from .checkpoint import (Position, list_checkpoints, load_checkpoint, newest_intact, rng_state, save_checkpoint,
                          set_rng_state, set_seed)  # fmt: skip
@@ -51,12 +51,18 @@ class TrainingStopped(RunError):
     exit_code = EXIT_NONFINITE
 
 
-def load_base(cfg: RunConfig, model_dir: Path, device: torch.device) -> nn.Module:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def load_base(cfg: RunConfig, model_dir: Path, device: torch.device, placer=None, progress: bool = True) -> nn.Module:
     """The frozen base per the config: NF4 (QLoRA), or 16-bit (plain LoRA, for comparison)."""
     if cfg.base == "nf4":
         quant = QuantSpec(cfg.blocksize, cfg.quant_type, cfg.double_quant)
-        return load_model(model_dir, device, BASE_DTYPE, quant, allow_pickle=cfg.allow_pickle)
-    return load_dense(model_dir, device, BASE_DTYPE, cfg.allow_pickle)
+        return load_model(model_dir, device, DTYPES[cfg.dtype], quant, allow_pickle=cfg.allow_pickle, placer=placer,
+                          progress=progress)
+    if placer is not None:
+        raise InputError("FSDP shards an NF4 base; a 16-bit base (base: bf16) trains with DDP or one process")
+    return load_dense(model_dir, device, DTYPES[cfg.dtype], cfg.allow_pickle)
 
 
 def build_model(cfg: RunConfig, device: torch.device):
@@ -173,13 +179,14 @@ class Recipe:
     `out` receives the human-readable report lines."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module | None = None, tokenizer=None, train_data=None, eval_data=None,
-                 out=print):  # fmt: skip
+                 out=print, dist: distributed.Dist | None = None):  # fmt: skip
         for key in ("batch_size", "seq_len"):
             if getattr(cfg, key) == "auto":
                 raise InputError(f"{key} is auto: plan it first (qlora_engine.run.finetune or `qlora plan`)")
         if model is not None and tokenizer is None:
             raise InputError("a model given to the recipe needs its tokenizer too")
-        self.cfg, self.out = cfg, out
+        self.dist = dist  # several processes (DDP / FSDP); None: this one only
+        self.cfg, self.out = cfg, out if dist is None or dist.main else (lambda s: None)
         self.model, self.tokenizer = model, tokenizer
         self.train_data, self.eval_data = train_data, eval_data
         self.result = Result(steps=0, adapter_dir=None)
@@ -190,7 +197,8 @@ class Recipe:
     def setup(self) -> "Recipe":
         """Model, data, optimizer and schedule; restores the newest checkpoint when resuming."""
         cfg = self.cfg
-        self.device = machine.resolve_device(cfg.device)
+        self.device = self.dist.device if self.dist else machine.resolve_device(cfg.device)
+        self.world, self.rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
         self.out_dir = Path(cfg.output_dir)
         ckpts = list_checkpoints(self.out_dir)
         if ckpts and not cfg.resume and not cfg.dry_run:
@@ -208,15 +216,30 @@ class Recipe:
             self.tokenizer = load_tokenizer(self.model_dir)
         else:
             self.model_dir = Path(getattr(self.model, "qlora_source", None) or cfg.model)
-        self.prepared = data_mod.prepare(cfg, self.tokenizer, self.train_data, self.eval_data)
+        self.prepared = data_mod.prepare(cfg, self.tokenizer, self.train_data, self.eval_data, out=self.out)
         p = self.prepared
         src = cfg.data if self.train_data is None else "the given data"
-        self.out(f"data: {src} ({p.fmt}): train {p.train.summary()}; eval {p.eval.summary()}")
+        self.out(f"data: {src} ({p.fmt}): train {p.train.summary()}; eval {p.eval.summary() if p.has_eval else 'none'}")
+        for note in p.notes:  # what was held out, read from or written to the data cache, what each eval costs
+            self.out(note)
         if cfg.dry_run:
             return self
         self.rss_before_load = machine.rss()
-        if self.built_model:
-            self.model = load_base(cfg, self.model_dir, self.device)
+        self.step_module = None  # the DDP / FSDP wrapper the training loss goes through, when distributed
+        fsdp = self.dist is not None and self.dist.strategy == "fsdp"
+        self.weights = weights.resolve(cfg, self.model_dir if self.built_model else getattr(self.model, "config", None),
+                                       self.device, fsdp, self.world)  # pipeline / offloaded base; before the load
+        if fsdp:
+            if not self.built_model:
+                raise InputError("FSDP builds its own sharded model from cfg.model: do not pass a model object")
+            placer = distributed.ShardPlacer(self.dist, before_shard=lambda m: add_model_lora(m, cfg))
+            self.model = load_base(cfg, self.model_dir, self.device, placer, progress=self.rank == 0)
+            mark_only_lora_as_trainable(self.model)  # the loader froze everything, adapters included
+            distributed.init_lora_shards(self.model, cfg.seed)
+            self.step_module = placer.step
+            distributed.initialise_root(self.step_module, self.device)
+        elif self.built_model:
+            self.model = load_base(cfg, self.model_dir, self.device, self.weights.placer, progress=self.rank == 0)
         if not lora_layers(self.model):
             add_model_lora(self.model, cfg)
         self.base_kind = getattr(self.model, "qlora_base", cfg.base)
@@ -224,16 +247,21 @@ class Recipe:
         hub_id = self.built_model and parse_hub_id(str(cfg.model)) and not Path(cfg.model).exists()
         self.base_name = str(cfg.model) if hub_id else str(self.model_dir)
         seq_len, batch_size = int(cfg.seq_len), int(cfg.batch_size)
-        rows = data_mod.make_rows(p.train.samples, seq_len, cfg.packing)
         pad = self.tokenizer.pad_token_id
-        self.batches = data_mod.Batches(rows, batch_size, cfg.seed, pad)
-        eval_rows = data_mod.make_rows(p.eval.samples, seq_len, cfg.packing)
-        self.eval_batches = data_mod.eval_batches(eval_rows, cfg.eval_batch_size or batch_size, pad)
+        self.batches = p.batches(batch_size * self.world, cfg.seed, pad)  # global batches; each rank takes its slice
+        self.eval_batches = data_mod.eval_batches(p.eval_rows, cfg.eval_batch_size or batch_size, pad)
+        # sharded eval, summed across ranks; under FSDP every rank must run as many forwards (each one gathers)
+        self.eval_pad = -(-len(self.eval_batches) // self.world) - len(self.eval_batches[self.rank :: self.world])
+        self.eval_batches = self.eval_batches[self.rank :: self.world]
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches.per_epoch / cfg.grad_accum))
         dev = self.device
         self.checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing != "auto" else dev.type == "cuda"
         if self.checkpointing:
             recompute.enable(self.model, offload=cfg.offload_activations)
+        if pipeline_line := self.weights.attach(self.model):  # after recompute: the pipeline hooks each block's call
+            self.out(pipeline_line)
+        if self.dist is not None and not fsdp:
+            self.step_module = distributed.wrap_ddp(self.model, self.dist)
         self.params = [p for _, p in trainable_parameters(self.model)]
         self.optimizer, optim_name = optim.build(self.params, cfg.optim, cfg.lr, cfg.weight_decay, dev)
         warmup = optim.warmup_steps(cfg.warmup, self.total_steps)
@@ -243,12 +271,21 @@ class Recipe:
         self.out(f"model: {self.model_dir.name} ({self.base_kind} base) on {dev}; LoRA r={cfg.lora_r} on "
                  f"{len(lora_layers(self.model))} layers, {n_params / 1e6:.2f}M trainable params ({cfg.lora_dtype}); "
                  f"optimizer {optim_name}; checkpointing {ckpt}")  # fmt: skip
-        self.out(f"plan: {self.total_steps} steps x {cfg.grad_accum} micro-batches x {batch_size} rows of <= {seq_len} "
-                 f"tokens ({len(rows)} rows per epoch, {'packed' if cfg.packing else 'one sample per row'})")  # fmt: skip
+        ranks = f" x {self.world} processes ({self.dist.strategy})" if self.dist else ""
+        self.out(f"plan: {self.total_steps} steps x {cfg.grad_accum} micro-batches x {batch_size} rows{ranks} of <= "
+                 f"{seq_len} tokens ({p.describe_rows(seq_len)}, {'packed' if cfg.packing else 'one sample per row'})")  # fmt: skip
+        if fsdp:
+            local, total = distributed.resident_nf4_bytes(self.model)
+            self.out(f"fsdp: this process holds {local:,} of the {total:,} bytes of NF4 codes and scales "
+                     f"({machine.fmt_bytes(local)}, {local / total:.1%})")
         if self.resume_from is not None:
-            self.pos = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            if fsdp:
+                self.pos = distributed.load_sharded(self.resume_from, self.model, self.step_module, self.optimizer,
+                                                    self.scheduler)  # fmt: skip
+            else:
+                self.pos = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
             self.out(f"resumed from {self.resume_from} at step {self.pos.step}")
-        self.metrics = Metrics(self.out_dir, self.pos.step if cfg.resume else None)
+        self.metrics = Metrics(self.out_dir, self.pos.step if cfg.resume else None) if self.rank == 0 else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -256,22 +293,34 @@ class Recipe:
 
     def train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over `micro` (the step's micro-batches); returns its metrics record."""
-        cfg, pos = self.cfg, self.pos
+        cfg, pos, d = self.cfg, self.pos, self.dist
+        if d is not None:  # the global batches, this rank's slice of the rows
+            per = int(cfg.batch_size)
+            micro = [{k: v[self.rank * per : (self.rank + 1) * per] for k, v in b.items()} for b in micro]
         n_step = sum(int((b["targets"] != data_mod.IGNORE).sum()) for b in micro)
+        if d is not None:  # gradients are averaged over ranks: normalise by the step's global count / world
+            n_step = d.all_sum(n_step) / d.world
         step_loss = 0.0
         for k, b in enumerate(micro):
             b = {key: v.to(self.device, non_blocking=True) for key, v in b.items()}
-            with autocast(self.device):
-                loss, _ = causal_lm_loss(self.model, b, n_norm=n_step, chunk=cfg.loss_chunk)
+            last_micro = k == len(micro) - 1
+            with autocast(self.device), self._sync(last_micro):
+                loss, _ = self.loss(b, n_step)
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
+            bad = not math.isfinite(loss_value)
+            if d is not None:
+                bad = d.any(bad)
+            if bad:
                 last = list_checkpoints(self.out_dir)
                 where = f"the last good checkpoint, {last[-1]}, is intact" if last else "no checkpoint had been saved yet"
                 raise TrainingStopped(f"loss became {loss_value} at step {pos.step + 1} (micro-batch {k}); {where}. "
                                       "Lower lr or max_grad_norm, or check the data.")  # fmt: skip
-            loss.backward()
+            with self._sync(last_micro):
+                loss.backward()
             step_loss += loss_value
-            pos.tokens += int(b["position_ids"].numel())
+            pos.tokens += int(b["position_ids"].numel()) * self.world
+        if d is not None:
+            step_loss = d.all_sum(step_loss) / d.world
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
         self.optimizer.step()
         self.scheduler.step()
@@ -279,13 +328,58 @@ class Recipe:
         pos.step += 1
         return {"step": pos.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 
-    def evaluate(self) -> dict:
-        return quiet(evaluate, self.model, self.eval_batches, self.device, self.cfg.loss_chunk)
+    def loss(self, batch: dict, n_norm: float):
+        """(loss, target count) of one micro-batch, through the DDP / FSDP wrapper when there is one."""
+        if self.step_module is not None:
+            return self.step_module(batch, n_norm, self.cfg.loss_chunk)
+        return causal_lm_loss(self.model, batch, n_norm=n_norm, chunk=self.cfg.loss_chunk)
+
+    def saved_config(self) -> dict:
+        """What a checkpoint records of the run: every key, and how many processes shared it."""
+        return self.cfg.flat() | {"world_size": self.world}
+
+    def _sync(self, last_micro: bool):
+        """Gradient accumulation: reduce gradients across ranks only on a step's last micro-batch."""
+        import contextlib
+
+        if self.dist is None or last_micro:
+            return contextlib.nullcontext()
+        if self.dist.strategy == "ddp":
+            return self.step_module.no_sync()
+        return distributed.no_reduce(self.step_module)
+
+    def evaluate(self) -> dict | None:
+        """Loss and perplexity on the eval rows (None when there are none), with a progress line and its cost."""
+        if not self.prepared.has_eval:
+            return None
+        t0 = time.perf_counter()
+        bar = Progress(len(self.eval_batches), "eval", "batch", enabled=self.rank == 0)
+        fsdp = self.dist is not None and self.dist.strategy == "fsdp"
+        with distributed.unsharded_root(self.step_module if fsdp else None):
+            ev = quiet(evaluate, self.model, _counted(self.eval_batches, bar), self.device, self.cfg.loss_chunk)
+            if fsdp and self.eval_pad:  # every rank runs as many forwards (each gathers); this one is not counted
+                quiet(evaluate, self.model, self.eval_batches[:1] * self.eval_pad, self.device, self.cfg.loss_chunk)
+        bar.close()
+        if self.dist is not None:  # each rank evaluated its share: the totals over all of them
+            total = self.dist.all_sum(ev["eval_loss"] * ev["eval_tokens"])
+            count = self.dist.all_sum(ev["eval_tokens"])
+            loss = total / max(count, 1)
+            ev = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
+        return ev | {"eval_seconds": round(time.perf_counter() - t0, 2)}
 
     def save(self) -> Path:
         """A resumable checkpoint of the current position."""
-        return save_checkpoint(self.out_dir, self.model, self.optimizer, self.scheduler, self.pos, self.cfg.flat(),
-                               self.cfg.keep_checkpoints, self.base_name)  # fmt: skip
+        if self.dist is not None and self.dist.strategy == "fsdp":
+            return distributed.save_sharded(self.dist, self.out_dir, self.model, self.step_module, self.optimizer,
+                                            self.scheduler, self.pos, self.saved_config(), self.cfg.keep_checkpoints,
+                                            self.base_name)  # fmt: skip
+        path = Path(self.out_dir) / "checkpoints" / f"step-{self.pos.step:08d}"
+        if self.rank == 0:  # DDP: every rank holds the same adapter, optimizer state and RNG states
+            save_checkpoint(self.out_dir, self.model, self.optimizer, self.scheduler, self.pos, self.saved_config(),
+                            self.cfg.keep_checkpoints, self.base_name)  # fmt: skip
+        if self.dist is not None:
+            self.dist.barrier()
+        return path
 
     def save_adapter(self) -> Path:
         """The final adapter in PEFT format (with provenance and held-out ids), replacing an earlier one."""
@@ -293,16 +387,33 @@ class Recipe:
         final = self.out_dir / ADAPTER
         extra = {"steps": self.pos.step, "data": cfg.data, "eval_data": cfg.eval_data, "eval_fraction": cfg.eval_fraction,
                  "seed": cfg.seed, "blocksize": cfg.blocksize, "quant_type": cfg.quant_type,
-                 "double_quant": cfg.double_quant, "base": self.base_kind}  # fmt: skip
-        with tensorfiles.atomic_directory(final, force=True) as tmp:
-            peft_format.save_adapter(self.model, tmp, self.base_name, extra=extra)
-            # the held-out samples as token ids, so an export can be checked on exactly this text
-            heldout = [s.ids for s in self.prepared.eval.samples[:HELDOUT_SAMPLES]]
-            (tmp / peft_format.HELDOUT).write_text(json.dumps({"tokenizer": str(self.model_dir), "samples": heldout}) + "\n")
+                 "double_quant": cfg.double_quant, "base": self.base_kind, "dtype": cfg.dtype}  # fmt: skip
+        values = distributed.gathered_lora(self.model) if self.dist is not None else None  # a collective under FSDP
+        if self.rank == 0:
+            with tensorfiles.atomic_directory(final, force=True) as tmp:
+                peft_format.save_adapter(self.model, tmp, self.base_name, extra=extra, values=values)
+                # the held-out samples as token ids, so an export can be checked on exactly this text
+                heldout = [s.ids for s in self.prepared.eval.samples[:HELDOUT_SAMPLES]]
+                (tmp / peft_format.HELDOUT).write_text(json.dumps({"tokenizer": str(self.model_dir), "samples": heldout}) + "\n")
+        if self.dist is not None:
+            self.dist.barrier()
         return final
 
-    def sample(self) -> str:
-        return quiet(answer, self.model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_max_new_tokens)
+    def sample(self) -> str | None:
+        """The greedy answer to the sample prompt. DDP: rank 0 answers while the others wait; FSDP:
+        every rank runs the same generation (its blocks are gathered collectively)."""
+        fsdp = self.dist is not None and self.dist.strategy == "fsdp"
+        answer_text = None
+        if self.rank == 0 or fsdp:
+            with distributed.unsharded_root(self.step_module if fsdp else None):
+                answer_text = quiet(answer, self.model, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_max_new_tokens)
+        if self.dist is not None:
+            self.dist.barrier()
+        return answer_text
+
+    def _log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.log(record)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -319,8 +430,9 @@ class Recipe:
             return result
         if not cfg.resume:
             result.eval_before = self.evaluate()
-            out(f"eval before training: loss {result.eval_before['eval_loss']:.4f}, ppl {result.eval_before['eval_ppl']:.2f}")
-            self.metrics.log({"step": 0, **result.eval_before})
+            if result.eval_before is not None:
+                out(f"eval before training: {_eval_line(result.eval_before)}")
+                self._log({"step": 0, **result.eval_before})
             if cfg.sample_prompt:
                 result.answer_before = self.sample()
                 out(f"sample before: Q: {cfg.sample_prompt}\n               A: {result.answer_before}")
@@ -329,7 +441,7 @@ class Recipe:
         stream = self.batches.stream(pos.epoch, pos.index)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        bar = Progress(self.total_steps, "training", "step", initial=pos.step, every=cfg.log_every)
+        bar = Progress(self.total_steps, "training", "step", initial=pos.step, every=cfg.log_every, enabled=self.rank == 0)
         t_start, tokens_start = time.perf_counter(), pos.tokens
         with _Signals() as signals:
             while pos.step < self.total_steps:
@@ -341,15 +453,18 @@ class Recipe:
                            "epoch": pos.epoch + pos.index / self.batches.per_epoch}  # fmt: skip
                 if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
                     logged = {k: v for k, v in record.items() if k not in ("tokens_per_s", "peak_mem")}
-                    self.metrics.log(logged | {"tokens_per_s": round(tps, 1)})
+                    self._log(logged | {"tokens_per_s": round(tps, 1)})
                 result.history.append(record)
                 bar.update(loss=record["loss"], lr=record["lr"], tok_s=round(tps),
                            mem=machine.fmt_bytes(record["peak_mem"]))  # fmt: skip
                 if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < self.total_steps:
                     ev = self.evaluate()
-                    self.metrics.log({"step": pos.step, **ev})
-                    bar.write(f"step {pos.step}: eval loss {ev['eval_loss']:.4f}, ppl {ev['eval_ppl']:.2f}")
+                    if ev is not None:
+                        self._log({"step": pos.step, **ev})
+                        bar.write(f"step {pos.step}: eval {_eval_line(ev)}")
                 stop = signals.received is not None
+                if self.dist is not None:  # every rank stops after the same step, or the collectives hang
+                    stop = self.dist.any(stop)
                 if (cfg.save_every and pos.step % cfg.save_every == 0) or stop:
                     path = self.save()
                     if stop:
@@ -363,13 +478,14 @@ class Recipe:
         result.tokens_per_second = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
         result.peak_memory = machine.peak_memory(self.device)
         result.eval_after = self.evaluate()
-        self.metrics.log({"step": pos.step, **result.eval_after})
+        if result.eval_after is not None:
+            self._log({"step": pos.step, **result.eval_after})
         if cfg.save_every and pos.step % cfg.save_every:
             self.save()
         result.adapter_dir = self.save_adapter()
         before = f" (before: {result.eval_before['eval_loss']:.4f})" if result.eval_before else ""
-        out(f"eval after {pos.step} steps: loss {result.eval_after['eval_loss']:.4f}, "
-            f"ppl {result.eval_after['eval_ppl']:.2f}{before}")  # fmt: skip
+        if result.eval_after is not None:
+            out(f"eval after {pos.step} steps: {_eval_line(result.eval_after)}{before}")
         where = "GPU" if self.device.type == "cuda" else "host"
         out(f"throughput {result.tokens_per_second:.0f} tokens/s; peak {where} memory "
             f"{result.peak_memory / 2**30:.2f} GiB; adapter saved to {result.adapter_dir}")  # fmt: skip
@@ -377,6 +493,18 @@ class Recipe:
             result.answer_after = self.sample()
             out(f"sample after:  Q: {cfg.sample_prompt}\n               A: {result.answer_after}")
         return result
+
+
+def _counted(batches, bar: Progress):
+    """The eval batches, counted on the progress line as each is taken."""
+    for b in batches:
+        yield b
+        bar.update()
+
+
+def _eval_line(ev: dict) -> str:
+    """An eval result with what it cost: 'loss 2.5724, ppl 13.10 (639 tokens scored, 1.2 s)'."""
+    return f"loss {ev['eval_loss']:.4f}, ppl {ev['eval_ppl']:.2f} ({ev['eval_tokens']:,} tokens scored, {ev['eval_seconds']:.1f} s)"
 
 
 def _advance(taken, batches: data_mod.Batches) -> tuple[int, int]:

@@ -1,8 +1,16 @@
-"""Data: formats, loss masks, EOS, truncation, packing without leakage, file types, splits."""
+"""Data: formats, loss masks, EOS, truncation, packing without leakage, file types, splits; preparation\nat scale: cached and memory-mapped, bad lines named or skipped, eval held out only when asked and\ncapped, and a resume from cached data that repeats the run bit for bit."""
 
 import copy
 import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,8 +190,140 @@ def test_batches_are_seeded_and_resumable():
 def test_eval_split_by_fraction(tmp_path, smollm2_tokenizer, finetune_cfg):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) + "\n" for i in range(50)))
-    cfg = finetune_cfg("unused", tmp_path, data=str(f), eval_fraction=0.2)
+    cfg = finetune_cfg("unused", tmp_path, data=str(f), eval_fraction=0.2, data_cache_dir=str(tmp_path / "cache"))
     p = data.prepare(cfg, smollm2_tokenizer)
     assert (len(p.train.samples), len(p.eval.samples)) == (40, 10)
     again = data.prepare(cfg, smollm2_tokenizer)
     assert [s.ids for s in again.eval.samples] == [s.ids for s in p.eval.samples]
+
+
+# ---- preparation at scale --------------------------------------------------------------------
+
+
+def pc_file(path, n, bad=None, blank_after=None):
+    """n prompt/completion records as JSON Lines; `bad`: {line number: raw text} replacing those lines."""
+    lines = [json.dumps({"prompt": f"Question {i}?", "completion": f" Answer {i}."}) for i in range(n)]
+    for line, text in (bad or {}).items():
+        lines[line - 1] = text
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_bad_line_among_thousands_is_named_or_skipped(tmp_path, smollm2_tokenizer, finetune_cfg):
+    f = pc_file(tmp_path / "d.jsonl", 4500, bad={3217: '{"prompt": "x", "completion"', 4000: "[1, 2]"})
+    cfg = finetune_cfg("unused", tmp_path, data=str(f), data_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(data.DataError, match=r"d.jsonl:3217: not valid JSON .*fix or remove line 3217, or set on_bad_sample: skip"):
+        data.prepare(cfg, smollm2_tokenizer)
+    p = data.prepare(cfg.replace(on_bad_sample="skip"), smollm2_tokenizer)
+    assert len(p.train.samples) == 4498 and p.train.bad == 2
+    assert "2 bad skipped (the first: line 3217: not valid JSON" in p.train.summary()
+
+
+def test_a_sample_that_does_not_fit_is_named_by_its_line(tmp_path, smollm2_tokenizer, finetune_cfg):
+    """Past the JSON check, in datasets.map's worker processes: the line is still named (blank lines counted)."""
+    f = pc_file(tmp_path / "d.jsonl", 4500, bad={4400: json.dumps({"prompt": "no completion"})}, blank_after=10)
+    cfg = finetune_cfg("unused", tmp_path, data=str(f), data_cache_dir=str(tmp_path / "cache"), data_num_proc=2)
+    with pytest.raises(data.DataError, match=r"d.jsonl:4401: a prompt_completion sample needs prompt and completion"):
+        data.prepare(cfg, smollm2_tokenizer)
+    p = data.prepare(cfg.replace(on_bad_sample="skip"), smollm2_tokenizer)
+    assert len(p.train.samples) == 4499 and "1 bad skipped (the first: " in p.train.summary()
+    assert "d.jsonl:4401: a prompt_completion sample needs" in p.train.first_bad
+
+
+def test_prepared_data_is_cached_memory_mapped_and_keyed(tmp_path, smollm2_tokenizer, finetune_cfg):
+    f = pc_file(tmp_path / "d.jsonl", 300)
+    cache = tmp_path / "cache"
+    cfg = finetune_cfg("unused", tmp_path, data=str(f), data_cache_dir=str(cache))
+    first = data.prepare(cfg, smollm2_tokenizer)
+    assert "prepared in" in first.notes[0] and isinstance(first.train_rows.ids.base.obj, mmap.mmap)
+    again = data.prepare(cfg, smollm2_tokenizer)
+    assert "read from" in again.notes[0]
+    assert [s.ids for s in again.train.samples] == [s.ids for s in first.train.samples]
+    assert [r.ids.tolist() for r in again.train_rows] == [r.ids.tolist() for r in first.train_rows]
+
+    def entries():
+        return sorted(p.name for p in cache.iterdir() if p.is_dir())
+
+    assert len(entries()) == 1
+    data.prepare(cfg.replace(seq_len=64), smollm2_tokenizer)  # a different truncation: another entry
+    data.prepare(cfg.replace(train_on_prompt=True), smollm2_tokenizer)  # other masks
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = "{{ messages }}"  # another template (prompt/completion ignores it, the key does not)
+    data.prepare(cfg, tok)
+    assert len(entries()) == 4
+    pc_file(f, 301)  # the file changed
+    changed = data.prepare(cfg, smollm2_tokenizer)
+    assert "prepared in" in changed.notes[0] and len(changed.train.samples) == 301 and len(entries()) == 5
+    forced = data.prepare(cfg.replace(rebuild_data=True), smollm2_tokenizer)
+    assert "prepared in" in forced.notes[0] and len(entries()) == 5
+
+
+def test_parallel_preparation_equals_one_process(tmp_path, smollm2_tokenizer, finetune_cfg):
+    f = tmp_path / "chat.jsonl"
+    demo = (data.DATA_DIR / "demo_train.jsonl").read_text().splitlines()
+    f.write_text("\n".join(demo * 60) + "\n")  # 4800 records: datasets.map forks 2 workers
+    cfg = finetune_cfg("unused", tmp_path, data=str(f), seq_len=512)
+    one = data.prepare(cfg.replace(data_num_proc=1, data_cache_dir=str(tmp_path / "a")), smollm2_tokenizer)
+    two = data.prepare(cfg.replace(data_num_proc=2, data_cache_dir=str(tmp_path / "b")), smollm2_tokenizer)
+    assert "2 processes" not in one.notes[0]
+    s1, s2 = one.train_rows, two.train_rows
+    assert np.array_equal(s1.ids, s2.ids) and np.array_equal(s1.targets, s2.targets) and np.array_equal(s1.offsets, s2.offsets)
+    assert np.array_equal(s1.members, s2.members) and len(s1) == len(s2)
+
+
+def test_nothing_is_held_out_unless_asked_and_eval_is_capped(tmp_path, smollm2_tokenizer, finetune_cfg):
+    f = pc_file(tmp_path / "d.jsonl", 200)
+    cfg = finetune_cfg("unused", tmp_path, data=str(f), data_cache_dir=str(tmp_path / "cache"), device="cpu")
+    p = data.prepare(cfg, smollm2_tokenizer)
+    assert len(p.train.samples) == 200 and not p.has_eval and "held out: nothing" in p.notes[-1]
+    assert cfg.eval_fraction == 0 and data.eval_max_tokens(cfg) == data.EVAL_TOKENS_CPU  # the defaults
+    p = data.prepare(cfg.replace(eval_fraction=0.1, eval_max_samples=5), smollm2_tokenizer)
+    assert len(p.train.samples) == 180 and len(p.eval.samples) == 5 and p.eval.capped_from == 20
+    assert "held out: 20 of 200 records" in "\n".join(p.notes) and "each eval: 5 samples (of 20" in p.notes[-1]
+    held = set(map(tuple, (s.ids for s in data.prepare(cfg.replace(eval_fraction=0.1, eval_max_samples=0), smollm2_tokenizer).eval.samples)))
+    assert not held & set(map(tuple, (s.ids for s in p.train.samples)))  # held out means not trained on
+    p = data.prepare(cfg.replace(eval_data=str(f), eval_max_tokens=40), smollm2_tokenizer)
+    assert p.eval.tokens <= 40 and 1 <= len(p.eval.samples) < 200 and sum(len(r.ids) for r in p.eval_rows) == p.eval.tokens
+
+
+FINETUNE = [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "finetune.py")]
+
+
+def test_resume_from_cached_data_is_bit_exact(tiny_smol_dir, tmp_path):
+    """Train from a cached, memory-mapped dataset, SIGKILL after a checkpoint, resume (the data from
+    the cache again): the same adapter bytes and losses as an uninterrupted run."""
+    f = tmp_path / "chat.jsonl"
+    f.write_text((data.DATA_DIR / "demo_train.jsonl").read_text())
+    cache, steps = tmp_path / "cache", 16
+
+    def args(out):
+        return ["--model", str(tiny_smol_dir), "--data", str(f), "--eval-data", str(f), "--eval-max-samples", "4",
+                "--data-cache-dir", str(cache), "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", "1",
+                "--seq-len", "128", "--lr", "1e-3", "--lora-r", "4", "--lora-dropout", "0.1", "--save-every", "6",
+                "--seed", "5", "--export", "false"]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    first = subprocess.run(FINETUNE + args(full), check=True, capture_output=True, text=True, env=env)
+    assert "prepared in" in first.stdout and "each eval: 4 samples (of 80" in first.stdout
+    log = open(tmp_path / "cut.log", "w")
+    proc = subprocess.Popen(FINETUNE + args(cut), stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step-00000006").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "adapter").exists(), "the run finished before SIGKILL: nothing was tested"
+    assert "read from" in (tmp_path / "cut.log").read_text()  # the killed run read the cache
+    resumed = subprocess.run(FINETUNE + args(cut) + ["--resume"], check=True, capture_output=True, text=True, env=env)
+    assert "read from" in resumed.stdout and "resumed from" in resumed.stdout
+    assert (full / "adapter" / "adapter_model.safetensors").read_bytes() == (cut / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def losses(out):
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    assert losses(full) == losses(cut) and len(losses(cut)) == steps
