@@ -12,6 +12,11 @@ bundled demo data, LoRA on every linear layer (dropout 0.05), bf16, AdamW (paged
 - peft: the standard recipe, `prepare_model_for_kbit_training` + `get_peft_model` + `model(labels=)`;
 - peft-no-upcast: the same without `prepare_model_for_kbit_training` (no fp32 copies of the
   16-bit parameters), the faster variant some users run.
+MFU (CUDA) is model FLOPs per second over the GPU's dense bf16 peak (`--peak-tflops`, or the table
+below by device name). Model FLOPs per token, as PaLM counts them but for a frozen base: 4 x the
+frozen linear weights (forward and the input gradient; no weight gradient) + 6 x the LoRA weights +
+6 x layers x seq x hidden for causal attention (the whole row; packed samples attend to less); the
+recompute of checkpointing is not counted.
 Tokens/s is the median over the timed steps after warm-up; peak memory is the process's peak RSS
 growth on CPU, `torch.cuda.max_memory_allocated` on CUDA. The allocator is left at its defaults:
 forcing glibc to mmap every large buffer (`MALLOC_MMAP_THRESHOLD_`) tightens the RSS figure but
@@ -32,6 +37,38 @@ import tempfile
 import time
 
 SYSTEMS = ("ours", "peft", "peft-no-upcast")
+# dense bf16 peak TFLOP/s (vendor datasheets, no sparsity), by a part of torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+               "RTX 4090": 165.2, "RTX A6000": 154.8, "RTX 3090": 71.0}  # fmt: skip
+
+
+def flops_per_token(model_dir, seq: int, rank: int) -> float:
+    """Model FLOPs of one trained token (module docstring), from the checkpoint's config."""
+    from pathlib import Path
+
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    c = c.get("text_config", c)
+    h, L, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    hd = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads") or heads
+    shapes = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h), (h, inter), (h, inter), (inter, h)]
+    frozen = L * sum(i * o for i, o in shapes) + vocab * h
+    lora = L * sum(rank * (i + o) for i, o in shapes)
+    return 4 * frozen + 6 * lora + 6 * L * seq * heads * hd
+
+
+def peak_flops(given: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s, its source) of this CUDA device, or (None, why)."""
+    import torch
+
+    if given:
+        return given * 1e12, f"{given:g} TFLOP/s (--peak-tflops)"
+    name = torch.cuda.get_device_name()
+    key = next((k for k in PEAK_TFLOPS if k in name), None)
+    if key is None:
+        return None, f"{name}: no peak in the table (pass --peak-tflops)"
+    return PEAK_TFLOPS[key] * 1e12, f"{PEAK_TFLOPS[key]:g} TFLOP/s dense bf16 ({key} datasheet)"
 
 
 def batches(tok, seq: int, batch: int, n: int):
@@ -157,6 +194,7 @@ def main() -> None:
                     help="ours: the layer weight pipeline (weight_pipeline) on or off [false]")
     ap.add_argument("--systems", default=None, help="comma-separated subset of " + ", ".join(SYSTEMS + ("ours-nokernels",)))
     ap.add_argument("--write", default=None, help="also write the table as markdown to this file")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU [by name]")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system, print JSON
     a = ap.parse_args()
     if a.one:
@@ -174,19 +212,26 @@ def main() -> None:
             continue
         results.append(json.loads(line[-1][7:]))
         print(f"  {s}: {results[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    from qlora_engine import resolve_model
     from qlora_engine.machine import describe
 
     ours = next((r for r in results if r["system"] == "ours"), None)
+    per_token = flops_per_token(resolve_model(a.model), a.seq, a.rank)
+    peak, peak_note = peak_flops(a.peak_tflops) if a.device.startswith("cuda") else (None, "CPU: no MFU")
     cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     lines = [f"Training step, {a.model}, seq {a.seq}, batch {a.batch}, LoRA r={a.rank} on all linear layers, "
              f"checkpointing {'on' if a.checkpointing else 'off'}, ours with the weight pipeline "
              f"{'on' if a.pipeline == 'true' else 'off'}, {a.steps} timed steps after {a.warmup} warm-up",
-             f"machine: {describe(a.device)}; torch {__import__('torch').__version__}", f"command: `{cmd}`", "",
-             "| system | tokens/s | step (s) | peak memory (MiB) | ours / system: speed | memory |", "|---|---|---|---|---|---|"]  # fmt: skip
+             f"machine: {describe(a.device)}; torch {__import__('torch').__version__}", f"command: `{cmd}`",
+             f"MFU: {per_token / 1e9:.2f} GFLOP per token (module docstring) over {peak_note}", "",
+             "| system | tokens/s | step (s) | peak memory (MiB) | MFU | ours / system: speed | memory |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours else "-"
         mem = f"{ours['peak_bytes'] / r['peak_bytes']:.2f}x" if ours and r["peak_bytes"] > 0 else "-"
-        lines.append(f"| {r['system']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {speed} | {mem} |")
+        mfu = f"{100 * r['tokens_per_s'] * per_token / peak:.1f}%" if peak else "-"
+        lines.append(f"| {r['system']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_bytes'] / 2**20:.0f} | {mfu} "
+                     f"| {speed} | {mem} |")  # fmt: skip
     print("\n".join(lines))
     if a.write:
         from qlora_engine.models.tensorfiles import write_text_atomic

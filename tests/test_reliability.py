@@ -374,10 +374,15 @@ PATTERNS = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_one_exact_line_and_changes_nothing(name, world, tmp_path, capsys):
+def test_bad_input_is_one_exact_line_and_changes_nothing(name, world, tmp_path, capsys, monkeypatch):
     import re
 
     argv, message = CASES[name](world, tmp_path)
+    # a finished demo run where a command without --output-dir would write: bad input must leave it
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo" / "adapter").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "runs" / "demo" / "metrics.jsonl").write_text("{}\n")
     before_t, before_w = snapshot(tmp_path), snapshot(world)
     capsys.readouterr()
     code = main(argv)

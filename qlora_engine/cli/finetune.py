@@ -47,6 +47,19 @@ def demo_start(cfg, out) -> object:
     return cfg
 
 
+def preflight(cfg) -> None:
+    """The checks a demo run's flags can fail (the device, the model's config and checkpoint
+    headers), made before the demo starts an earlier run over; each fails with its one line."""
+    from ..machine import resolve_device
+    from ..models.hub import load_config, resolve_model
+    from ..models.tensorfiles import list_tensors
+
+    resolve_device(cfg.device)
+    model_dir = resolve_model(cfg.model, cfg.allow_pickle)
+    load_config(model_dir)
+    list_tensors(model_dir, cfg.allow_pickle)
+
+
 def run(argv: list[str]) -> int:
     from ..progress import quiet_third_party
     from ..run import finetune
@@ -68,6 +81,7 @@ def run(argv: list[str]) -> int:
     if demo:
         out(f"no --config or --data: running the demo ({DEMO_CONFIG.name})")
         if not cfg.resume:
+            preflight(cfg)  # a bad --model or --device must not cost the earlier demo run
             cfg = demo_start(cfg, out)
     result = finetune(cfg, out=out)
     return EXIT_INTERRUPTED if result.interrupted else 0

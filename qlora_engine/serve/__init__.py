@@ -14,10 +14,12 @@ from pathlib import Path
 
 
 def build(model: str | Path, adapters: list[tuple[str, str]] = (), base: str = "nf4", device="cpu",
-          max_batch: int = 32, base_name: str | None = None, shutdown_timeout: float = 30.0):  # fmt: skip
+          max_batch: int = 32, base_name: str | None = None, shutdown_timeout: float = 30.0,
+          engine_thread: bool = True):  # fmt: skip
     """(FastAPI app, app.Server) serving `model` (a directory or hub id) with `adapters`
     [(name, directory)]; a one-line InputError for a model or adapter that cannot be served.
-    The engine thread starts with the app (its lifespan)."""
+    The engine thread starts with the app (its lifespan); with `engine_thread=False` the caller
+    runs `server.engine.run()` on a thread of its choosing (`qlora serve`: the main one)."""
     import time
 
     import torch
@@ -41,7 +43,7 @@ def build(model: str | Path, adapters: list[tuple[str, str]] = (), base: str = "
             registry.install(registry.prepare(adapter_name, path), int(time.time()))
     engine = Engine(m, tokenizer, registry, max_batch=max_batch)
     server = Server(engine, registry, tokenizer, name, context_length(m), str(model_dir))
-    return build_app(server, shutdown_timeout), server
+    return build_app(server, shutdown_timeout, engine_thread), server
 
 
 serve_app = build  # its name in the Python API (`qlora_engine.serve_app`); run it with uvicorn.run(app)

@@ -164,10 +164,14 @@ class Server:
         return out
 
 
-def build_app(server: Server, shutdown_timeout: float = 30.0) -> FastAPI:
+def build_app(server: Server, shutdown_timeout: float = 30.0, engine_thread: bool = True) -> FastAPI:
+    """The routes. The engine starts on a thread of its own with the app, unless `engine_thread` is
+    False: then the caller runs it (`Engine.run`); either way it stops with the app."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.engine.start()
+        if engine_thread:
+            server.engine.start()
         try:
             yield
         finally:

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (DEMO_TRAIN, _SUFFIX_KIND, BadSample, DataError, Prepared, Renderer, Tokenized, _hub_dataset, _pick,
-                   encode, eval_max_tokens, format_of, json_lines, make_rows, tokenize, collate)  # fmt: skip
+from .data import Prepared, collate, eval_max_tokens, make_rows
 from .datacache import BAD, DROPPED, TRUNCATED
+from .encode import Tokenized, encode, tokenize
 from .packing import Row, pack, positions, segment_index
+from .render import Renderer, format_of
+from .sources import DEMO_TRAIN, _SUFFIX_KIND, BadSample, DataError, _hub_dataset, _pick, as_dataset, json_lines
 
 BAD_LINE = "__qlora_bad_line__"  # a record standing for a malformed JSON line, counted and left out
 
@@ -187,8 +189,6 @@ def prepare(cfg, tokenizer, train_records=None, eval_records=None, out=None) -> 
     evals, eval_rows = Tokenized([]), []
     if eval_records is not None or cfg.eval_data:
         if eval_records is not None:
-            from .data import as_dataset
-
             recs = as_dataset(eval_records)
             recs = recs.select(range(min(len(recs), cfg.eval_max_samples or len(recs))))
             recs = [dict(r) for r in recs]

@@ -49,7 +49,7 @@ def test_auto_asks_the_registered_planner(monkeypatch):
     monkeypatch.setattr(weights, "_planner", [planner])
     w = weights.resolve(cfg_of(), "ckpt-dir", CUDA, processes=2)
     assert (w.pipeline, w.offload) == (True, False) and "room" in w.why and asked == [("ckpt-dir", CUDA, 2)]
-    w = weights.resolve(cfg_of(weight_pipeline=False), "ckpt-dir", CUDA)  # offload_base false, pipeline false: no question
+    w = weights.resolve(cfg_of(weight_pipeline=False, offload_base=False), "ckpt-dir", CUDA)  # both false: no question
     assert not w.pipeline and len(asked) == 1
     monkeypatch.setattr(weights, "_planner", [])
     w = weights.resolve(cfg_of(), "ckpt-dir", CUDA)
