@@ -19,7 +19,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     z' = c·tanh(z/c): dz'/dz = 1 − tanh²(z/c). Then dloss/dh = dloss/dz · W. The forward computes
     this per chunk and keeps only dloss/dh ([N, H], h's dtype); W (lm_head) is frozen.
     Peak extra memory: about 8 × chunk × vocab bytes (16-20 with soft-capping). The memory planner
-    measures it by running this very forward on the meta device (`plan.memory.loss_buffers`).
+    measures it by running this very forward on the meta device (`plan.livebytes.loss_buffers`).
     """
 
     @staticmethod
