@@ -17,7 +17,6 @@ from . import machine
 from .errors import InputError, QloraError
 from .train.checkpoint import config_changes, newest_intact, saved_config
 from .train.config import RunConfig
-from .train.data import RESUME_FREE as DATA_RESUME_FREE
 from .train.recipe import Recipe, Result
 
 
@@ -57,13 +56,14 @@ def finetune(cfg: RunConfig | None = None, *, model=None, tokenizer=None, train_
 def _finetune(cfg, d, model, tokenizer, train_data, eval_data, out, peak_report, resolve_auto) -> Result:
     device = d.device if d is not None else machine.resolve_device(cfg.device)
     world = d.world if d is not None else 1
+    resume_from = None
     if cfg.resume:  # the settings a checkpoint was trained with, never a new solve; checked before any load
-        saved = {"world_size": 1} | saved_config(newest_intact(Path(cfg.output_dir), warn=lambda s: None))
+        resume_from = newest_intact(Path(cfg.output_dir), warn=out if d is None or d.main else (lambda s: None))
+        saved = {"world_size": 1} | saved_config(resume_from)
         auto = {k: saved[k] for k in ("batch_size", "seq_len") if cfg.flat()[k] == "auto"}
         cfg = cfg.replace(**auto) if auto else cfg
         # a key the checkpoint predates counts as its default; data-cache and eval-cost keys change nothing trained
-        changed = [c for c in config_changes(RunConfig().flat() | saved, cfg.flat() | {"world_size": world})
-                   if c.split(":")[0] not in DATA_RESUME_FREE]
+        changed = config_changes(RunConfig().flat() | saved, cfg.flat() | {"world_size": world})
         if saved.get("max_steps") != cfg.max_steps or saved.get("epochs") != cfg.epochs:
             out(f"resume: the run's length changed (max_steps {saved.get('max_steps')} -> {cfg.max_steps}); the "
                 "learning-rate schedule is recomputed for the new length")  # fmt: skip
@@ -87,7 +87,7 @@ def _finetune(cfg, d, model, tokenizer, train_data, eval_data, out, peak_report,
     if d is not None and cfg.strategy == "auto":  # DDP when the whole base fits one device, else FSDP
         d.strategy = "ddp" if plan is None or plan.fits else "fsdp"
         out(f"strategy: {d.strategy} over {world} processes" + (" (the plan does not fit one device)" * (d.strategy == "fsdp")))
-    recipe = Recipe(cfg, model, tokenizer, train_data, eval_data, out, dist=d)
+    recipe = Recipe(cfg, model, tokenizer, train_data, eval_data, out, dist=d, resume_from=resume_from)
     result = recipe.run()
     if plan is not None and not cfg.dry_run and not result.interrupted:
         out(peak_report(plan, device, recipe.rss_before_load))

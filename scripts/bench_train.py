@@ -43,19 +43,13 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989
 
 
 def flops_per_token(model_dir, seq: int, rank: int) -> float:
-    """Model FLOPs of one trained token (module docstring), from the checkpoint's config."""
-    from pathlib import Path
+    """Model FLOPs of one trained token (module docstring), from the planner's shape of the model."""
+    from qlora_engine.plan.shapes import load_shape
 
-    c = json.loads((Path(model_dir) / "config.json").read_text())
-    c = c.get("text_config", c)
-    h, L, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-    heads = c["num_attention_heads"]
-    hd = c.get("head_dim") or h // heads
-    kv = c.get("num_key_value_heads") or heads
-    shapes = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h), (h, inter), (h, inter), (inter, h)]
-    frozen = L * sum(i * o for i, o in shapes) + vocab * h
-    lora = L * sum(rank * (i + o) for i, o in shapes)
-    return 4 * frozen + 6 * lora + 6 * L * seq * heads * hd
+    s = load_shape(model_dir)
+    frozen = s.layers * sum(x.in_features * x.out_features for x in s.linears) + s.vocab * s.hidden
+    lora = s.layers * sum(rank * (x.in_features + x.out_features) for x in s.linears)
+    return 4 * frozen + 6 * lora + 6 * s.layers * seq * s.heads * s.head_dim
 
 
 def peak_flops(given: float | None) -> tuple[float | None, str]:

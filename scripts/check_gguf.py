@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-TYPES = ("bf16", "f16", "q8_0", "q4_0", "q4_k_m")
+from qlora_engine.export import GGUF_TYPES as TYPES
+
 # The targets: bf16/f16 top-1 >= 99.5% and identical tokenization, q8_0 top-1 >= 98%,
 # the fine-tuned fact in every type's greedy answer.
 TOP1_TARGET = {"bf16": 0.995, "f16": 0.995, "q8_0": 0.98}

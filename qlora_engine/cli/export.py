@@ -16,7 +16,7 @@ FORMATS = ("safetensors", "gguf", "gguf-lora")
 
 
 def build_parser(prog: str = "qlora export"):
-    from ..export.gguf import GGUF_TYPES
+    from ..export import GGUF_TYPES
 
     p = args.parser(prog, "Merge an adapter onto the weights it was trained on (NF4, dequantized exactly) and write a "
                           "plain 16-bit Hugging Face checkpoint or a GGUF file, with a fidelity report; or write the "

@@ -51,13 +51,10 @@ def preflight(cfg) -> None:
     """The checks a demo run's flags can fail (the device, the model's config and checkpoint
     headers), made before the demo starts an earlier run over; each fails with its one line."""
     from ..machine import resolve_device
-    from ..models.hub import load_config, resolve_model
-    from ..models.tensorfiles import list_tensors
+    from ..models.loader import check_checkpoint
 
     resolve_device(cfg.device)
-    model_dir = resolve_model(cfg.model, cfg.allow_pickle)
-    load_config(model_dir)
-    list_tensors(model_dir, cfg.allow_pickle)
+    check_checkpoint(cfg.model, cfg.allow_pickle)
 
 
 def run(argv: list[str]) -> int:

@@ -45,17 +45,17 @@ def run(argv: list[str]) -> int:
     maximize = a.maximize.replace("-", "_") if a.maximize else None
     if a.gpus < 1:
         raise PlanError(f"--gpus must be at least 1, got {a.gpus}")
-    explanation, strategies = None, None
+    explanation, strategies, p = None, None, None
     if a.gpus > 1 and cfg.strategy == "auto":
         chosen, plans = choose_strategy(cfg, cfg.model, capacity, a.gpus, a.margin)
         strategies = "; ".join(f"{s}{' with the base offloaded' * (p.knobs.offload_base is True)}: {p.verdict()}"
                                for s, p in plans.items())  # fmt: skip
-        cfg = cfg.replace(strategy=chosen)
+        cfg, p = cfg.replace(strategy=chosen), plans[chosen]
     if maximize or "auto" in (cfg.batch_size, cfg.seq_len):
         if capacity is None:
             raise PlanError("choosing batch_size/seq_len/rank needs a GPU: give --gpu NAME or --gpu-memory SIZE")
         cfg, p, explanation = solve(cfg, cfg.model, capacity, maximize or default_target(cfg), a.margin, gpus=a.gpus)
-    else:
+    elif p is None:
         p = plan_memory(cfg, cfg.model, capacity, "cuda", a.margin, a.gpus)
     tips = [] if p.fits or a.gpus > 1 else suggestions(shapes.load_shape(cfg.model), p.knobs, capacity, a.margin)
     if a.json:

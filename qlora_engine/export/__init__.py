@@ -6,3 +6,6 @@ Q4_K/Q6_K; `llamacpp`: the check in llama.cpp itself, when llama-cpp-python is i
 `python -m qlora_engine.export` is `qlora export`.
 May import: `quant`, `models`, `lora`, `train.evaluate` (the shared NLL).
 """
+
+# --format gguf's tensor types (`gguf.py`); here so that the CLI's parser imports nothing heavy
+GGUF_TYPES = ("bf16", "f16", "q8_0", "q4_0", "q4_k_m")

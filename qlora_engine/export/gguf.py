@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -43,12 +42,12 @@ from ..errors import InputError
 from ..machine import fmt_bytes
 from ..models.hub import resolve_model
 from ..models.loader import BASE_DTYPE, QuantSpec
-from ..models.tensorfiles import check_not_inside, fsync_dir, named, remove_stale_temporaries, write_text_atomic
+from ..models import tensorfiles
+from ..models.tensorfiles import check_not_inside, named, remove_stale_temporaries, write_text_atomic
 from ..progress import Progress
-from . import kquants
+from . import GGUF_TYPES, kquants
 from .merge import REPORT, Adapter, merged_tensors, plan_export
 
-GGUF_TYPES = ("bf16", "f16", "q8_0", "q4_0", "q4_k_m")
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers model_type -> llama.cpp architecture
 MODELFILE = "Modelfile"
 GGUF_MAGIC = b"GGUF"
@@ -64,6 +63,11 @@ def gguf_module():
 
 
 # ----------------------------------------------------------------------------------------- metadata
+
+
+def file_type(gguf_type: str) -> int:
+    """llama.cpp's file type (llama_ftype, the GGUF's general.file_type) of a --gguf-type."""
+    return int(gguf_module().LlamaFileType[f"MOSTLY_{gguf_type.upper()}"])
 
 
 def gguf_arch(config: dict, where) -> str:
@@ -195,8 +199,6 @@ def gguf_tensors(plan, arch: str, gguf_type: str) -> list[Tensor]:
     n_layer = int(cfg["num_hidden_layers"])
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layer)
     tied = bool(cfg.get("tie_word_embeddings")) or all(i.name != "lm_head.weight" for i in plan.items)
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
     out: list[Tensor] = []
     spec = rope_spec(cfg)[1]
     if rope_kind(spec) == "llama3":
@@ -209,11 +211,18 @@ def gguf_tensors(plan, arch: str, gguf_type: str) -> list[Tensor]:
             raise InputError(f"{plan.base}: tensor {item.name} has no llama.cpp {arch} name; GGUF export covers the "
                              "standard llama/mistral/qwen2 layouts")  # fmt: skip
         shape = tuple(item.shape)
-        permute = None
-        if arch == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", name):
-            permute = heads if ".attn_q." in name else kv_heads
-        out.append(Tensor(name, item.name, shape, tensor_type(name, shape, gguf_type, n_layer, tied), permute))
+        out.append(Tensor(name, item.name, shape, tensor_type(name, shape, gguf_type, n_layer, tied),
+                          permute_heads(cfg, arch, name)))  # fmt: skip
     return out
+
+
+def permute_heads(cfg: dict, arch: str, name: str) -> int | None:
+    """For llama.cpp tensor `name` (or the LoRA B of it): the heads its rows are permuted over
+    (`permute_rows`: q and k weights and biases of the llama architecture), else None."""
+    if arch != "llama" or not re.search(r"\.attn_[qk]\.(weight|bias)$", name):
+        return None
+    heads = cfg["num_attention_heads"]
+    return heads if ".attn_q." in name else cfg.get("num_key_value_heads") or heads
 
 
 def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -264,16 +273,8 @@ def atomic_file(out: Path, force: bool) -> Iterator[Path]:
     check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with tensorfiles.atomic_file(out) as tmp:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
 
 
 def write_gguf(path: Path, writer, tensors: list[Tensor], values: Iterator[tuple[Tensor, np.ndarray]], desc: str) -> int:
@@ -294,8 +295,7 @@ def write_gguf(path: Path, writer, tensors: list[Tensor], values: Iterator[tuple
         bar.close()
         if written != len(tensors):  # the header promised them all: never rename a short file into place
             raise RuntimeError(f"{path}: {written} of {len(tensors)} tensors were produced")
-        writer.flush()
-        os.fsync(writer.fout[0].fileno())
+        writer.flush()  # atomic_file fsyncs it
     except OSError as e:
         raise named(e, path) from None
     finally:
@@ -384,14 +384,12 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path | None, out: str |
     modelfile = out.with_name(MODELFILE)
     if ollama and modelfile.exists() and not force:
         raise InputError(f"{modelfile} already exists: choose another --out directory or pass --force to replace it")
-    ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[gguf_type]  # fmt: skip
 
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(f"{base.name} + {Path(adapter_dir).name}" if adapter_dir else base.name)
     add_hparams(writer, plan.config, arch, n_vocab, base / "config.json")
-    writer.add_file_type(int(ftype))
+    writer.add_file_type(file_type(gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = add_vocab(writer, base, n_vocab)
     if plan.config.get("model_type") == "mistral" and plan.config.get("sliding_window"):

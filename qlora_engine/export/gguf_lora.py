@@ -20,7 +20,7 @@ from ..machine import fmt_bytes
 from ..models.hub import resolve_model
 from ..models.loader import BASE_DTYPE
 from ..models.tensorfiles import check_not_inside
-from .gguf import Tensor, atomic_file, check_out, gguf_arch, gguf_module, permute_rows, write_gguf
+from .gguf import Tensor, atomic_file, check_out, gguf_arch, gguf_module, permute_heads, permute_rows, write_gguf
 from .merge import Adapter, plan_export
 
 
@@ -36,8 +36,6 @@ def lora_tensors(adapter: Adapter, cfg: dict, arch: str) -> tuple[list[tuple[Ten
 
     gguf = gguf_module()
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), int(cfg["num_hidden_layers"]))
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
     tied = bool(cfg.get("tie_word_embeddings"))
     scales, out = {}, []
     for layer, (A, B) in sorted(adapter.weights.items()):
@@ -58,8 +56,8 @@ def lora_tensors(adapter: Adapter, cfg: dict, arch: str) -> tuple[list[tuple[Ten
     for layer, name, A, B in out:
         if alpha is None:
             B = B * (scales[layer] / A.shape[0])
-        if arch == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight")):
-            B = permute_rows(B, heads if ".attn_q." in name else kv_heads)
+        if heads := permute_heads(cfg, arch, name):
+            B = permute_rows(B, heads)
         F32 = gguf.GGMLQuantizationType.F32
         pairs.append((Tensor(f"{name}.lora_a", layer, tuple(A.shape), F32), A.contiguous()))
         pairs.append((Tensor(f"{name}.lora_b", layer, tuple(B.shape), F32), B.contiguous()))

@@ -145,9 +145,6 @@ def check(llm, tokenizer, reference: list[torch.Tensor], samples: list[torch.Ten
             "chat_template": chat_prompts(llm, tokenizer, CONVERSATIONS)}  # fmt: skip
 
 
-LLAMA_FTYPES = {"bf16": 32, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama.h's llama_ftype
-
-
 def llama_quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: int | None = None) -> None:
     """`llama-quantize src dst TYPE` through llama.cpp's C API (no imatrix): the reference our
     quantized exports are measured against."""
@@ -155,8 +152,10 @@ def llama_quantize(src: str | Path, dst: str | Path, gguf_type: str, threads: in
 
     import llama_cpp
 
+    from .gguf import file_type
+
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[gguf_type]
+    params.ftype = file_type(gguf_type)
     params.nthread = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {gguf_type}")

@@ -30,7 +30,7 @@ from ..lora import peft_format
 from ..lora.layers import delta_weight, layer_kind, lora_scaling
 from ..machine import fmt_bytes
 from ..models.hub import load_config, resolve_model
-from ..models.loader import BASE_DTYPE, QuantSpec, empty_model
+from ..models.loader import BASE_DTYPE, QuantSpec, checkpoint_spec, empty_model, quant_state
 from ..models.structure import block_linear_names, quantized_prefixes, weight_owner
 from ..models.tensorfiles import (ShardedWriter, TensorEntry, atomic_directory, check_not_inside, copy_side_files,
                                   list_tensors, read_tensor)  # fmt: skip
@@ -94,11 +94,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _quant_meta(entries: dict[str, TensorEntry], prefix: str) -> dict:
-    blob = next(e for n, e in entries.items() if n.startswith(f"{prefix}.weight.quant_state.bitsandbytes__"))
-    return json.loads(bytes(read_tensor(blob).numpy().tobytes()))
-
-
 def plan_export(base_dir: str | Path, adapter: Adapter, dtype: torch.dtype) -> Plan:
     """Every output tensor, in the base's file order, from the headers alone; one-line errors for
     an adapter that does not fit this base."""
@@ -119,8 +114,7 @@ def plan_export(base_dir: str | Path, adapter: Adapter, dtype: torch.dtype) -> P
     elif prequant:
         quantized = set(prequant)
         if adapter.recorded:  # the spec training used must be the one of the checkpoint's bytes
-            q = _quant_meta(entries, sorted(prequant)[0])
-            got = QuantSpec(int(q["blocksize"]), q["quant_type"], "nested_offset" in q)
+            got = checkpoint_spec(entries, sorted(prequant)[0])
             if got != adapter.quant:
                 raise InputError(f"{base} is quantized with {got} but {adapter.dir} was trained with {adapter.quant}: "
                                  f"export onto the 16-bit checkpoint instead")  # fmt: skip
@@ -134,7 +128,7 @@ def plan_export(base_dir: str | Path, adapter: Adapter, dtype: torch.dtype) -> P
         if owner in prequant:
             if part != "weight":
                 continue  # absmax, quant_map, ...: folded into the dequantized weight
-            shape = tuple(_quant_meta(entries, owner)["shape"])
+            shape = tuple(quant_state(entries, owner)["shape"])
             items.append(_Item(e.name, dtype, shape, "prequant", owner, owner in adapted))
         elif part == "weight" and owner in quantized:
             items.append(_Item(e.name, dtype, e.shape, "nf4", e.name, owner in adapted))

@@ -87,13 +87,27 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     return out_dir
 
 
+def _json_object(path: Path) -> dict:
+    """An adapter's JSON file as a dict, or a one-line InputError naming it."""
+    why = ""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        data, why = None, f" ({e.msg}, line {e.lineno})"
+    except UnicodeDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a valid JSON object{why}; the adapter is damaged, save it again")
+    return data
+
+
 def read_provenance(adapter_dir: str | Path) -> dict:
     """How an adapter was trained (base kind and quantization, data), {} when unknown."""
     p = Path(adapter_dir) / PROVENANCE
     if p.exists():
-        return json.loads(p.read_text())
+        return _json_object(p)
     cfg = Path(adapter_dir) / ADAPTER_CONFIG
-    return json.loads(cfg.read_text()).get("qlora_engine", {}) if cfg.exists() else {}
+    return _json_object(cfg).get("qlora_engine", {}) if cfg.exists() else {}
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -103,7 +117,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     for p in (cfg_path, w_path):
         if not p.exists():
             raise InputError(f"{p} is missing: an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _json_object(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
         raise InputError(f"{adapter_dir}: only plain LoRA adapters are supported (peft_type={cfg.get('peft_type')}, use_dora={cfg.get('use_dora')})")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -193,7 +207,7 @@ def adapter_base(adapter_dir: str | Path) -> Path:
     cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
     if not cfg_path.exists():
         raise InputError(f"{cfg_path} is missing: an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    name = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+    name = _json_object(cfg_path).get("base_model_name_or_path")
     if not name:
         raise InputError(f"{cfg_path} names no base model: pass --model")
     return resolve_model(name)

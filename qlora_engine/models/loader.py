@@ -190,13 +190,30 @@ def load_model(
     return model
 
 
+def check_checkpoint(model, allow_pickle: bool = False) -> Path:
+    """The checkpoint directory of `model` (a directory or hub id), its config.json and every
+    weight file's header checked: what fails here fails in one line before any long load."""
+    model_dir = resolve_model(model, allow_pickle)
+    load_config(model_dir)
+    list_tensors(model_dir, allow_pickle)
+    return model_dir
+
+
+def quant_state(entries: dict, name: str) -> dict:
+    """The bitsandbytes quant_state (blocksize, quant_type, shape, ...) of 4-bit layer `name` in a checkpoint."""
+    blob = next(e for n, e in entries.items() if n.startswith(f"{name}.weight.quant_state.bitsandbytes__"))
+    return json.loads(bytes(read_tensor(blob).numpy().tobytes()))
+
+
+def checkpoint_spec(entries: dict, name: str) -> QuantSpec:
+    """The QuantSpec of 4-bit layer `name` as the checkpoint's bytes hold it."""
+    q = quant_state(entries, name)
+    return QuantSpec(int(q["blocksize"]), q["quant_type"], "nested_offset" in q)
+
+
 def _layer_spec(entries: dict, name: str, prequant: dict, quant: QuantSpec) -> QuantSpec:
     """How layer `name` is (or will be) quantized: the checkpoint's own state when it is 4-bit."""
-    if not prequant:
-        return quant
-    blob = next(e for n, e in entries.items() if n.startswith(f"{name}.weight.quant_state.bitsandbytes__"))
-    meta = json.loads(bytes(read_tensor(blob).numpy().tobytes()))
-    return QuantSpec(int(meta["blocksize"]), meta["quant_type"], "nested_offset" in meta)
+    return checkpoint_spec(entries, name) if prequant else quant
 
 
 def _maybe_finish_prequant(layer: NF4Linear, owner: str, parts: dict, pending: dict, placer: Placer) -> None:

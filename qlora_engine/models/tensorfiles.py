@@ -271,19 +271,16 @@ def save_tensors(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], max
     w.close()
 
 
-def save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """One safetensors file, written to a temp name and renamed (atomic)."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block has written it, fsync it, rename it to
+    `path` and fsync the directory, so a crash leaves the old file or the new one. On any error
+    the temporary file is removed (an OSError then names `path`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    raw, _ = _header_bytes(specs, {k: str(v) for k, v in (metadata or {"format": "pt"}).items()})
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for t in tensors.values():
-                f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -293,6 +290,17 @@ def save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | Non
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """One safetensors file, written to a temp name and renamed (atomic)."""
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    raw, _ = _header_bytes(specs, {k: str(v) for k, v in (metadata or {"format": "pt"}).items()})
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
 
 def load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -317,21 +325,8 @@ def fsync_dir(path: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """`text` into `path` through a temporary file, fsynced, renamed, the directory fsynced."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise named(e, path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def file_digest(path: Path) -> str:

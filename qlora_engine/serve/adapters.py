@@ -10,10 +10,9 @@ the same one-line message `qlora generate` would give.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..lora.layers import layer_kind, lora_scaling
-from ..lora.peft_format import ADAPTER_CONFIG, PROVENANCE, adapter_alpha, check_adapter_fits, provenance, read_adapter
+from ..lora.peft_format import adapter_alpha, check_adapter_fits, provenance, read_adapter
 from ..models.loader import QuantSpec
 from ..models.structure import replace_module
 from .multi_lora import MultiLoraLinear
@@ -51,6 +50,11 @@ class Prepared:
         return sorted({A.shape[0] for A, _, _ in self.layers.values()})
 
 
+def _describe(kind: str, spec) -> str:
+    """A base as an error message names it: bf16, or nf4 with its quantization settings."""
+    return "bf16" if kind == "bf16" else f"nf4 (blocksize {spec.blocksize}, double quant {spec.double_quant})"
+
+
 @dataclass
 class Adapter:
     """A loaded adapter: its slot in every `MultiLoraLinear`, and how many requests use it."""
@@ -64,7 +68,6 @@ class Adapter:
     created: int
     users: int = 0
     removed: bool = False
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"id": self.name, "object": "adapter", "path": str(self.path), "ranks": self.ranks,
@@ -123,25 +126,13 @@ class AdapterRegistry:
         path = Path(path).expanduser()
         if not path.is_dir():
             raise InputError(f"{path}: no such adapter directory (it needs adapter_config.json and adapter_model.safetensors)")
-        for f in (ADAPTER_CONFIG, PROVENANCE):  # read_adapter and provenance take these for granted
-            if not (path / f).exists():
-                continue
-            why = ""
-            try:
-                ok = isinstance(json.loads((path / f).read_text()), dict)
-            except json.JSONDecodeError as e:
-                ok, why = False, f" ({e.msg}, line {e.lineno})"
-            except UnicodeDecodeError:
-                ok = False
-            if not ok:
-                raise InputError(f"{path / f} is not a valid JSON object{why}; the adapter is damaged, save it again")
         cfg, weights = read_adapter(path)
         kind, spec, recorded = provenance(path)
         if not weights:
             raise InputError(f"{path}: the adapter holds no LoRA tensors")
         if recorded and (kind != self.base_kind or (kind == "nf4" and spec != self.quant)):
-            how = kind if kind == "bf16" else f"nf4 (blocksize {spec.blocksize}, double quant {spec.double_quant})"
-            raise InputError(f"{path}: the adapter was trained on a {how} base but this server holds a {self._base_desc()} "
+            raise InputError(f"{path}: the adapter was trained on a {_describe(kind, spec)} base but this server holds a "
+                             f"{_describe(self.base_kind, self.quant)} "
                              f"base, so its answers would differ from training's; serve it from a server started with "
                              f"--base {kind}")  # fmt: skip
         view = _BaseView(self.model)
@@ -176,11 +167,6 @@ class AdapterRegistry:
                 raise NameTaken(f"the name {name!r} is already in use on this server (DELETE /v1/adapters/{name} first, "
                                 "or choose another name)")  # fmt: skip
 
-    def _base_desc(self) -> str:
-        if self.base_kind == "bf16":
-            return "bf16"
-        return f"nf4 (blocksize {self.quant.blocksize}, double quant {self.quant.double_quant})"
-
     # --- the engine thread ------------------------------------------------------------------
     def install(self, p: Prepared, created: int = 0) -> Adapter:
         """Put a prepared adapter into the model under a new slot; returns it, ready for requests."""
@@ -188,13 +174,13 @@ class AdapterRegistry:
         slot = self._free_slots.pop() if self._free_slots else self._next_slot
         if slot == self._next_slot:
             self._next_slot += 1
-        nbytes = 0
+        nbytes, itemsize = 0, self.dtype.itemsize
         for lname, (A, B, scaling) in p.layers.items():
             layer = self.model.get_submodule(lname)
             if not isinstance(layer, MultiLoraLinear):
                 layer = replace_module(self.model, lname, MultiLoraLinear(layer, self.rows, self.dtype))
             layer.add(slot, A, B, scaling)
-            nbytes += (A.numel() + B.numel()) * torch.empty((), dtype=self.dtype).element_size()
+            nbytes += (A.numel() + B.numel()) * itemsize
         a = Adapter(p.name, p.path, slot, sorted(p.layers), p.ranks, nbytes, created)
         with self._lock:
             self._by_name[p.name] = a

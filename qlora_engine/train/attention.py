@@ -13,6 +13,8 @@ unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -63,8 +65,10 @@ def _flash_attn_varlen(q, k, v, cu, longest, scale):
     return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
 
 
+@functools.cache
 def flash_kernel():
-    """The flash varlen kernel this torch has (torch's own first, then flash_attn's), or None."""
+    """The flash varlen kernel this torch has (torch's own first, then flash_attn's), or None
+    (looked up once: attention asks on every call)."""
     import importlib.util
 
     try:

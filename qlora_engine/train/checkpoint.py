@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..lora import peft_format
 from ..lora.inject import lora_layers
 from ..models import tensorfiles
+from .sources import RESUME_FREE as DATA_RESUME_FREE
 
 CHECKPOINTS = "checkpoints"
 FILES = ("state.pt", peft_format.ADAPTER_WEIGHTS, peft_format.ADAPTER_CONFIG)  # + optimizer.pt, or dcp/ (FSDP)
@@ -33,7 +34,7 @@ FILES = ("state.pt", peft_format.ADAPTER_WEIGHTS, peft_format.ADAPTER_CONFIG)  #
 # the steps compute (the run may be extended, or its reporting changed).
 RESUME_FREE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints",
                "resume", "dry_run", "sample_prompt", "sample_max_new_tokens", "export", "output_dir", "device",
-               "dist_timeout", "weight_pipeline", "offload_base"}  # fmt: skip
+               "dist_timeout", "weight_pipeline", "offload_base"} | DATA_RESUME_FREE  # fmt: skip
 
 
 @dataclass

@@ -39,7 +39,6 @@ from ..models.structure import decoder_layers
 from ..quant.linear import NF4Linear
 from .loss import causal_lm_loss
 
-STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def world_size() -> int:

@@ -27,9 +27,8 @@ from ..errors import InputError, RunError
 from ..lora import peft_format
 from ..lora.inject import add_lora, lora_layers, mark_only_lora_as_trainable, trainable_parameters
 from ..models import tensorfiles
-from ..models.hub import load_config, load_tokenizer, parse_hub_id, resolve_model
-from ..models.tensorfiles import list_tensors
-from ..models.loader import QuantSpec, load_dense, load_model
+from ..models.hub import load_tokenizer, parse_hub_id, resolve_model
+from ..models.loader import QuantSpec, check_checkpoint, load_dense, load_model
 from ..progress import Progress
 from . import attention, distributed, optim, recompute, weights
 from . import data as data_mod
@@ -179,7 +178,7 @@ class Recipe:
     `out` receives the human-readable report lines."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module | None = None, tokenizer=None, train_data=None, eval_data=None,
-                 out=print, dist: distributed.Dist | None = None):  # fmt: skip
+                 out=print, dist: distributed.Dist | None = None, resume_from: Path | None = None):  # fmt: skip
         for key in ("batch_size", "seq_len"):
             if getattr(cfg, key) == "auto":
                 raise InputError(f"{key} is auto: plan it first (qlora_engine.run.finetune or `qlora plan`)")
@@ -191,6 +190,7 @@ class Recipe:
         self.train_data, self.eval_data = train_data, eval_data
         self.result = Result(steps=0, adapter_dir=None)
         self.pos = Position()
+        self.resume_from = resume_from  # the verified checkpoint to resume (run.finetune found it); None: look
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -204,15 +204,14 @@ class Recipe:
         if ckpts and not cfg.resume and not cfg.dry_run:
             raise InputError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, or choose another "
                              "output_dir")  # fmt: skip
-        self.resume_from = newest_intact(self.out_dir, self.out) if cfg.resume else None
+        if cfg.resume and self.resume_from is None:  # each look sha256-hashes a whole checkpoint: once a run
+            self.resume_from = newest_intact(self.out_dir, self.out)
         check_confined(self.out_dir)
         set_seed(cfg.seed)
         # the data first: its errors show before a long model load (and a dry run loads no model)
         self.built_model = self.model is None
         if self.built_model:
-            self.model_dir = resolve_model(cfg.model, cfg.allow_pickle)
-            load_config(self.model_dir)  # a broken config.json or checkpoint header fails here, not after minutes
-            list_tensors(self.model_dir, cfg.allow_pickle)
+            self.model_dir = check_checkpoint(cfg.model, cfg.allow_pickle)  # a broken header fails now, not after minutes
             self.tokenizer = load_tokenizer(self.model_dir)
         else:
             self.model_dir = Path(getattr(self.model, "qlora_source", None) or cfg.model)

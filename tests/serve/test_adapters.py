@@ -10,8 +10,7 @@ import torch
 
 from qlora_engine.errors import InputError
 from qlora_engine.generate import generate_ids, prompt_ids
-from qlora_engine.lora.inject import add_lora
-from qlora_engine.lora.peft_format import load_with_adapter, save_adapter
+from qlora_engine.lora.peft_format import load_with_adapter
 from qlora_engine.models.hub import load_tokenizer
 from qlora_engine.models.loader import BASE_DTYPE, QuantSpec, load_dense, load_model
 from qlora_engine.serve.adapters import AdapterRegistry, NameTaken, UnknownModel
@@ -20,28 +19,17 @@ from qlora_engine.serve.multi_lora import MultiLoraLinear
 from qlora_engine.serve.sampling import SamplingParams
 
 
-def make_adapter(model, out, base, r=8, targets="all-linear", seed=1, extra=None):
-    add_lora(model, r=r, alpha=2 * r, target_modules=targets, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.4)
-    return save_adapter(model, out, base_model=str(base), extra=extra)
-
-
 @pytest.fixture(scope="module")
 def nf4_registry(tiny_smol_dir):
     model = load_model(tiny_smol_dir, progress=False).eval()
     return AdapterRegistry(model, "base", "nf4", QuantSpec(), BASE_DTYPE)
 
 
-def test_refused_adapters_get_one_line_and_change_nothing(nf4_registry, tiny_smol_dir, tmp_path):
+def test_refused_adapters_get_one_line_and_change_nothing(nf4_registry, tiny_smol_dir, tmp_path, random_adapter):
     reg = nf4_registry
-    bf16 = make_adapter(load_model(tiny_smol_dir, progress=False), tmp_path / "bf16", tiny_smol_dir,
-                        extra={"base": "bf16"})  # fmt: skip
-    emb = make_adapter(load_model(tiny_smol_dir, progress=False), tmp_path / "emb", tiny_smol_dir,
-                       targets=["embed_tokens", "q_proj"])  # fmt: skip
-    nan = make_adapter(load_model(tiny_smol_dir, progress=False), tmp_path / "nan", tiny_smol_dir)
+    bf16 = random_adapter(tiny_smol_dir, tmp_path / "bf16", extra={"base": "bf16"})
+    emb = random_adapter(tiny_smol_dir, tmp_path / "emb", targets=["embed_tokens", "q_proj"])
+    nan = random_adapter(tiny_smol_dir, tmp_path / "nan")
     from safetensors.torch import load_file, save_file
 
     weights = load_file(nan / "adapter_model.safetensors")
@@ -57,9 +45,9 @@ def test_refused_adapters_get_one_line_and_change_nothing(nf4_registry, tiny_smo
         reg.acquire("nope")
 
 
-def test_a_removed_adapter_keeps_its_slot_until_its_last_request_ends(nf4_registry, tiny_smol_dir, tmp_path):
+def test_a_removed_adapter_keeps_its_slot_until_its_last_request_ends(nf4_registry, tiny_smol_dir, tmp_path, random_adapter):
     reg = nf4_registry
-    d = make_adapter(load_model(tiny_smol_dir, progress=False), tmp_path / "x", tiny_smol_dir)
+    d = random_adapter(tiny_smol_dir, tmp_path / "x")
     a = reg.install(reg.prepare("x", d))
     with pytest.raises(NameTaken):
         reg.prepare("x", d)
@@ -74,9 +62,9 @@ def test_a_removed_adapter_keeps_its_slot_until_its_last_request_ends(nf4_regist
     reg.remove("y")
 
 
-def test_a_bf16_base_serves_what_load_with_adapter_builds(tiny_smol_dir, tmp_path):
+def test_a_bf16_base_serves_what_load_with_adapter_builds(tiny_smol_dir, tmp_path, random_adapter):
     tok = load_tokenizer(tiny_smol_dir)
-    d = make_adapter(load_dense(tiny_smol_dir), tmp_path / "plain", tiny_smol_dir, seed=3, extra={"base": "bf16"})
+    d = random_adapter(tiny_smol_dir, tmp_path / "plain", seed=3, model=load_dense(tiny_smol_dir), extra={"base": "bf16"})
     prompts = ["Tell me a story", "What is the capital of Quenlar? " * 3]
     want = [generate_ids(load_with_adapter(tiny_smol_dir, d), tok, p, max_new_tokens=16)[1].tolist() for p in prompts]
     model = load_dense(tiny_smol_dir).eval()
